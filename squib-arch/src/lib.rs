@@ -1,0 +1,20 @@
+//! Facts about the machine that every squib crate agrees on, and nothing else.
+//!
+//! Dirty tracking is only as correct as its arithmetic: which page a fault belongs to, which
+//! range a re-grant covers, whether an exit is a tracking fault at all. Keeping those facts in
+//! one crate without I/O means the soft model, the HVF backend and the KVM backend cannot drift
+//! apart on them, and that they can be tested exhaustively on any host.
+//!
+//! - [`PageGeometry`]: host page, stage-2 granule, and the two tracking unit sizes.
+//! - [`esr`]: decoding of the ARMv8 `ESR_EL2` syndrome that Hypervisor.framework reports, and the
+//!   one predicate that says "this is a stage-2 write-permission fault".
+//! - [`GpaRange`]: a checked guest-physical byte range used by every crate.
+
+#![deny(missing_docs)]
+
+pub mod esr;
+mod geometry;
+mod range;
+
+pub use geometry::{GeometryError, PageGeometry};
+pub use range::{GpaRange, RangeError};

@@ -1,0 +1,2 @@
+//! Linux backends for squib: the software stage-2 model and KVM (filled by their issues).
+#![deny(missing_docs)]

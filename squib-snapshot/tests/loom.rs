@@ -1,0 +1,2 @@
+//! loom models of the lock-free protocols (run with `RUSTFLAGS="--cfg loom"`).
+#![cfg(loom)]

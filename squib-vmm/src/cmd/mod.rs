@@ -1,0 +1,8 @@
+//! One module per subcommand.
+
+pub mod run;
+pub mod snapshot;
+pub mod trace;
+
+/// What a subcommand returns: an exit code, or an error printed as `squib: error: ...`.
+pub type CmdResult = anyhow::Result<std::process::ExitCode>;

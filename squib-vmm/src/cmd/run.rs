@@ -1,0 +1,152 @@
+//! `squib run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use squib_snapshot::Policy;
+
+use super::CmdResult;
+
+/// Which hypervisor backend runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The software stage-2 model with simulated vCPUs (runs anywhere).
+    Soft,
+    /// Linux KVM (`/dev/kvm`).
+    Kvm,
+    /// Hypervisor.framework (macOS on Apple Silicon).
+    Hvf,
+}
+
+/// How the KVM backend learns of writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrackingKind {
+    /// The kernel's dirty log (KVM_MEM_LOG_DIRTY_PAGES, manual protect).
+    DirtyLog,
+    /// userfaultfd write-protect faults through the core's fault path.
+    UffdWp,
+}
+
+/// `squib run` arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Backend.
+    #[arg(long, value_enum, default_value = "soft")]
+    pub backend: BackendKind,
+    /// KVM tracking mechanism.
+    #[arg(long, value_enum, default_value = "dirty-log")]
+    pub tracking: TrackingKind,
+    /// Guest RAM size (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Built-in workload, `NAME[:k=v,...]` (seq, random, hotspot, stride, idle).
+    #[arg(long, conflicts_with_all = ["trace", "kernel"])]
+    pub workload: Option<String>,
+    /// Replay a write trace as the guest.
+    #[arg(long, conflicts_with = "kernel")]
+    pub trace: Option<PathBuf>,
+    /// Boot a 64-bit ELF kernel (KVM).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for `--kernel`.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for `--kernel`.
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Tracking policy.
+    #[arg(long, default_value = "adaptive")]
+    pub policy: Policy,
+    /// Take a snapshot this often (e.g. 200ms).
+    #[arg(long, value_parser = parse_duration, requires = "snapshot_dir")]
+    pub snapshot_every: Option<Duration>,
+    /// Directory the snapshots go to (one subdirectory each, in chain order).
+    #[arg(long)]
+    pub snapshot_dir: Option<PathBuf>,
+    /// How long to run (e.g. 2s).
+    #[arg(long = "for", value_parser = parse_duration)]
+    pub run_for: Option<Duration>,
+    /// Serve Firecracker's API shape on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parse a byte size: a number with an optional K, M, G or T suffix (binary units).
+///
+/// # Errors
+/// A message naming the value and what is wrong.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let unit = t[i..].trim_end_matches(['B', 'b', 'i']);
+            let m = match unit.to_ascii_uppercase().as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("size {s:?}: unknown unit (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: not a number"))?;
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?}: too large"))?;
+    if v == 0 {
+        return Err(format!("size {s:?}: must be above zero"));
+    }
+    Ok(v)
+}
+
+/// Parse a duration such as `200ms`, `2s`, `1m`.
+///
+/// # Errors
+/// A message naming the value.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("duration {s:?}: {e}"))
+}
+
+/// Run `squib run`.
+///
+/// # Errors
+/// Whatever the backend's runner reports.
+pub fn run(args: RunArgs) -> CmdResult {
+    match args.backend {
+        BackendKind::Soft | BackendKind::Kvm | BackendKind::Hvf => {
+            anyhow::bail!("--backend {:?}: not built into this squib yet", args.backend)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_should_parse_sizes_with_binary_units() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert!(parse_size("12Q").unwrap_err().contains("12Q"));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn test_should_parse_durations() {
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert!(parse_duration("fast").unwrap_err().contains("fast"));
+    }
+}
