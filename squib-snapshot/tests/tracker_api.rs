@@ -1,0 +1,196 @@
+//! The tracker's configuration checks, start/stop, and counters.
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::Recorder;
+use squib_arch::{GpaRange, PageGeometry};
+use squib_snapshot::{BlockMode, DirtyTracker, GuestFault, Policy, TrackError, TrackingConfig};
+
+fn ram(start: u64, len: u64) -> GpaRange {
+    GpaRange::new(start, len).unwrap()
+}
+
+#[test]
+fn test_should_reject_overlapping_regions_naming_the_region() {
+    let regions = [ram(0, 4 << 20), ram(2 << 20, 4 << 20)];
+    let rec = Recorder::new(PageGeometry::X86_64, &regions[..1]);
+    let err = DirtyTracker::new(rec, &regions, TrackingConfig::default())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, TrackError::InvalidRegion { .. }), "{err}");
+    assert!(err.to_string().contains("overlaps"), "{err}");
+    assert!(err.to_string().contains("0x200000"), "{err}");
+}
+
+#[test]
+fn test_should_reject_a_region_not_aligned_to_the_hot_unit() {
+    // 4 KiB-aligned, but Apple Silicon's hot unit is 16 KiB.
+    let r = ram(0x1000, 2 << 20);
+    let rec = Recorder::new(PageGeometry::APPLE_SILICON, &[ram(0, 4 << 20)]);
+    let err = DirtyTracker::new(rec, &[r], TrackingConfig::new(Policy::Fine))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("hot tracking unit"), "{err}");
+}
+
+#[test]
+fn test_should_reject_an_invalid_configuration_as_invalid_config() {
+    let rec = Recorder::new(PageGeometry::X86_64, &[ram(0, 4 << 20)]);
+    let config = TrackingConfig {
+        step_down_threshold: 0,
+        ..TrackingConfig::default()
+    };
+    let err = DirtyTracker::new(rec, &[ram(0, 4 << 20)], config)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, TrackError::InvalidConfig(_)), "{err}");
+    assert!(err.to_string().contains("step_down_threshold"), "{err}");
+}
+
+#[test]
+fn test_should_reject_an_invalid_backend_geometry() {
+    let mut g = PageGeometry::X86_64;
+    g.tracking_hot = 3 << 10;
+    let mut rec = Recorder::new(PageGeometry::X86_64, &[ram(0, 4 << 20)]);
+    rec.geometry = g;
+    let err = DirtyTracker::new(rec, &[ram(0, 4 << 20)], TrackingConfig::default())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, TrackError::InvalidGeometry(_)), "{err}");
+}
+
+#[test]
+fn test_should_protect_each_region_with_one_call_on_start_and_grant_everything_on_stop() {
+    let regions = [ram(0, 4 << 20), ram(1 << 32, 2 << 20)];
+    let rec = Arc::new(Recorder::new(PageGeometry::X86_64, &regions));
+    let t = DirtyTracker::new(Arc::clone(&rec), &regions, TrackingConfig::default()).unwrap();
+    t.start().unwrap();
+    assert!(t.is_started());
+    assert_eq!(rec.protect_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(rec.is_writable(0x1234), Some(false));
+    assert_eq!(rec.is_writable((1 << 32) + 0x1000), Some(false));
+    t.stop().unwrap();
+    assert!(!t.is_started());
+    assert_eq!(rec.is_writable(0x1234), Some(true));
+    assert_eq!(t.counters().protect_calls, 2);
+}
+
+#[test]
+fn test_should_leave_memory_writable_when_start_fails() {
+    let regions = [ram(0, 4 << 20), ram(1 << 32, 2 << 20)];
+    let rec = Arc::new(Recorder::new(PageGeometry::X86_64, &regions));
+    let t = DirtyTracker::new(Arc::clone(&rec), &regions, TrackingConfig::default()).unwrap();
+    // Fail the first protect: nothing may stay protected.
+    rec.fail_protect.store(true, Ordering::SeqCst);
+    assert!(matches!(t.start(), Err(TrackError::Backend(_))));
+    assert!(!t.is_started());
+    assert_eq!(rec.is_writable(0), Some(true));
+    assert_eq!(rec.is_writable(1 << 32), Some(true));
+}
+
+#[test]
+fn test_should_count_faults_regrants_and_dirty_bytes() {
+    let r = ram(0, 4 << 20);
+    let rec = Arc::new(Recorder::new(PageGeometry::X86_64, &[r]));
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], TrackingConfig::new(Policy::Fine)).unwrap();
+    t.start().unwrap();
+    for i in 0..5u64 {
+        rec.guest_write(&t, i * 0x1000, 4, 0).unwrap();
+    }
+    t.checkpoint(None, |_| -> Result<(), std::io::Error> { Ok(()) })
+        .unwrap();
+    let c = t.counters();
+    assert_eq!(
+        (c.faults, c.regrants, c.dirty_bytes, c.checkpoints),
+        (5, 5, 5 * 0x1000, 1)
+    );
+    assert_eq!(c.protect_calls, 2, "one at start, one for the dirty region");
+}
+
+#[test]
+fn test_should_escalate_a_densely_written_block_to_coarse_within_the_epoch() {
+    let g = PageGeometry::APPLE_SILICON;
+    let r = ram(0x8000_0000, 8 << 20);
+    let rec = Arc::new(Recorder::new(g, &[r]));
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], TrackingConfig::new(Policy::Adaptive)).unwrap();
+    t.start().unwrap();
+    let k = u64::from(t.escalate_at());
+    assert!(k > 2 && k < g.hot_per_block());
+    for i in 0..k {
+        assert_eq!(
+            rec.guest_write(&t, r.start() + i * g.tracking_hot, 8, 0).unwrap(),
+            1
+        );
+    }
+    assert_eq!(t.block_mode(r.start()), Some(BlockMode::Coarse));
+    // The rest of the block was granted whole: no more faults in it this epoch.
+    assert_eq!(
+        rec.guest_write(&t, r.start() + (k + 5) * g.tracking_hot, 8, 0)
+            .unwrap(),
+        0
+    );
+    let mut diff = Vec::new();
+    t.checkpoint(None, |d| -> Result<(), std::io::Error> {
+        diff.extend_from_slice(d);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(diff, vec![ram(r.start(), g.tracking_default)]);
+    // It stays coarse while written; a clean epoch returns it to fine.
+    assert_eq!(t.block_mode(r.start()), Some(BlockMode::Coarse));
+    t.checkpoint(None, |_| -> Result<(), std::io::Error> { Ok(()) })
+        .unwrap();
+    assert_eq!(t.block_mode(r.start()), Some(BlockMode::Fine));
+    let c = t.counters();
+    assert_eq!((c.step_ups, c.step_downs), (1, 1));
+}
+
+#[test]
+fn test_should_step_the_whole_region_down_under_the_region_policy() {
+    let g = PageGeometry::APPLE_SILICON;
+    let r = ram(0x8000_0000, 8 << 20);
+    let rec = Arc::new(Recorder::new(g, &[r]));
+    let config = TrackingConfig {
+        step_down_threshold: 2,
+        ..TrackingConfig::new(Policy::Region)
+    };
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], config).unwrap();
+    t.start().unwrap();
+    assert_eq!(t.block_mode(r.start() + (6 << 20)), Some(BlockMode::Coarse));
+    t.tick(std::time::Duration::ZERO);
+    // Three faults in block 0 within one window: over the threshold of 2 (one per epoch, as a
+    // coarse block faults once per epoch).
+    for _ in 0..3 {
+        rec.guest_write(&t, r.start(), 8, 0).unwrap();
+        t.checkpoint(None, |_| -> Result<(), std::io::Error> { Ok(()) })
+            .unwrap();
+    }
+    t.tick(std::time::Duration::from_millis(100));
+    assert_eq!(
+        t.block_mode(r.start() + (6 << 20)),
+        Some(BlockMode::Fine),
+        "the whole region steps down"
+    );
+    assert_eq!(t.counters().step_downs, 1);
+}
+
+#[test]
+fn test_should_refuse_a_read_fault() {
+    let r = ram(0, 4 << 20);
+    let t = DirtyTracker::new(
+        Recorder::new(PageGeometry::X86_64, &[r]),
+        &[r],
+        TrackingConfig::default(),
+    )
+    .unwrap();
+    let err = t
+        .on_write_fault(GuestFault {
+            gpa: 0x10,
+            write: false,
+            vcpu: 3,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("vCPU 3"), "{err}");
+}
