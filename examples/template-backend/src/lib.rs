@@ -31,6 +31,11 @@
 
 #![deny(missing_docs)]
 
+/// The backend author's guide (`docs/backend-guide.md`), included here so its code blocks run
+/// as doctests of this crate.
+#[doc = include_str!("../../../docs/backend-guide.md")]
+pub mod guide {}
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
