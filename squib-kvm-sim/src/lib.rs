@@ -1,2 +1,6 @@
 //! Linux backends for squib: the software stage-2 model and KVM (filled by their issues).
 #![deny(missing_docs)]
+
+pub mod soft;
+pub mod trace;
+pub mod workload;
