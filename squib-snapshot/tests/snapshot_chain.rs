@@ -176,3 +176,45 @@ fn test_should_leave_holes_for_zero_pages_in_a_full_snapshot() {
     let restored = restore(&full.dir, RestoreMode::Eager).unwrap();
     assert_eq!(contents(&restored.memory), contents(&mem));
 }
+
+#[test]
+fn test_should_append_to_an_existing_chain_after_reopening_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (members, _) = build_chain(dir.path());
+    let mem = memory(&regions());
+    fill(&mem, 0x40_0000 - 0x1000, 0x1000, 8);
+    let mut chain = ChainWriter::open(dir.path()).unwrap();
+    assert_eq!(chain.leaf().as_ref(), Some(&members[2]));
+    let d = chain
+        .save(
+            &mem,
+            &[squib_arch::GpaRange::new(0x40_0000 - 0x1000, 0x1000).unwrap()],
+            &meta(),
+        )
+        .unwrap();
+    assert!(d.dir.ends_with("000003-diff"));
+    let loaded = Chain::load(&d.dir).unwrap();
+    assert_eq!(loaded.members.len(), 4);
+    let restored = restore(&d.dir, RestoreMode::Eager).unwrap();
+    let mut page = vec![0u8; 0x1000];
+    restored
+        .memory
+        .read_slice(&mut page, GuestAddress(0x40_0000 - 0x1000))
+        .unwrap();
+    let mut want = vec![0u8; 0x1000];
+    mem.read_slice(&mut want, GuestAddress(0x40_0000 - 0x1000))
+        .unwrap();
+    assert_eq!(page, want);
+}
+
+#[test]
+fn test_should_load_a_chain_given_as_the_current_directory_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (members, _) = build_chain(dir.path());
+    // "<leaf>/sub/.." names the leaf but has no final name; the parent must still resolve to
+    // the leaf's siblings, not to siblings of "sub".
+    std::fs::create_dir(members[2].join("sub")).unwrap();
+    let dotted = members[2].join("sub").join("..");
+    assert!(dotted.file_name().is_none());
+    assert_eq!(Chain::load(&dotted).unwrap().members.len(), 3);
+}

@@ -189,8 +189,13 @@ impl Chain {
                 members.push(cur);
                 break;
             };
-            let parent_dir = cur
-                .dir
+            // A path without a final name ("." or "..") has no usable parent: resolve it first.
+            let here = if cur.dir.file_name().is_some() {
+                cur.dir.clone()
+            } else {
+                std::fs::canonicalize(&cur.dir).map_err(SnapshotError::io(&cur.dir, "resolve"))?
+            };
+            let parent_dir = here
                 .parent()
                 .map_or_else(|| PathBuf::from(&parent.dir), |p| p.join(&parent.dir));
             if !parent_dir.join(STATE_FILE).exists() {
