@@ -23,7 +23,7 @@ use vm_memory::{
 use super::SnapshotError;
 use super::format::{RegionLayout, SnapshotState};
 use super::load::Chain;
-use super::save::{CHUNK, ZERO_PAGE};
+use super::save::{CHUNK, ZERO_PAGE, is_zero};
 
 /// How to bring memory back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +109,7 @@ fn write_guest(
         return put(gpa, bytes);
     }
     for (p, page) in bytes.chunks(ZERO_PAGE).enumerate() {
-        if page.iter().any(|&b| b != 0) {
+        if !is_zero(page) {
             put(gpa + (p * ZERO_PAGE) as u64, page)?;
         }
     }

@@ -190,9 +190,14 @@ impl MemoryWriter<'_> {
         while done < len {
             let n = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
             let Self {
-                file, path, io, buf, ..
+                file,
+                path,
+                io,
+                buf,
+                written,
             } = self;
-            let put = |b: &[u8], off: u64| {
+            let mut put = |b: &[u8], off: u64| {
+                *written += b.len() as u64;
                 io.write_at(file, b, off)
                     .map_err(SnapshotError::io(path, "write"))
             };
@@ -227,7 +232,7 @@ impl MemoryWriter<'_> {
 }
 
 /// Whether every byte is zero (word at a time; the compiler vectorises the fold).
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let (words, tail) = page.split_at(page.len() - page.len() % 8);
     words.chunks_exact(8).fold(0u64, |acc, w| {
         acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
@@ -323,7 +328,6 @@ fn write_snapshot(
                 region.file_offset + (gpa - region.gpa),
                 kind == SnapshotKind::Full,
             )?;
-            w.written += len;
             extents.push(Extent { gpa, len, xxh3 });
         }
         file.sync_all().map_err(SnapshotError::io(&mem_path, "fsync"))?;
