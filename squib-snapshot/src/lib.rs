@@ -23,3 +23,5 @@ pub use policy::{BlockMode, ConfigError, CostModel, Policy, TrackingConfig};
 pub use tracker::{
     CheckpointError, CheckpointStats, DirtyTracker, FaultOutcome, TrackError, TrackerCounters,
 };
+pub mod snapshot;
+pub use snapshot::{ChainWriter, SnapshotError, SnapshotMeta};

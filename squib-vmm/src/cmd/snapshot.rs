@@ -1,17 +1,362 @@
-//! `squib snapshot ...`.
+//! `squib snapshot ...`: inspect, verify, merge and restore snapshot directories.
+//!
+//! Every command validates what it reads (see `squib_snapshot::snapshot`); errors name the file
+//! and the reason and the exit status is non-zero. `verify` exits 0 only when the whole chain is
+//! sound. `--json` output goes to standard output only.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::Context;
 use clap::Subcommand;
+use serde_json::json;
+use squib_snapshot::snapshot::load::geometry_name;
+use squib_snapshot::snapshot::restore::{dump_memory, restore_chain};
+use squib_snapshot::snapshot::{Chain, LoadedSnapshot, RestoreMode, SnapshotState, merge, verify};
 
 use super::CmdResult;
+use super::run::BackendKind;
 
-/// `squib snapshot` subcommands (filled by the snapshot-files issue).
+/// `squib snapshot` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum SnapshotCommand {}
+pub enum SnapshotCommand {
+    /// Show a snapshot's type, id, parent, backend, geometry, regions, extents and size.
+    Inspect {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a snapshot and its chain: CRCs, links to a full base, extents, every checksum.
+    Verify {
+        /// The snapshot directory (its whole chain is checked).
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Squash a chain into one full snapshot.
+    Merge {
+        /// The chain's directories (base first); the chain ending at the last one is merged.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where the full snapshot goes (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a snapshot chain into fresh guest memory.
+    Restore {
+        /// The newest snapshot of the chain.
+        dir: PathBuf,
+        /// Map the base's memory file copy-on-write instead of reading it.
+        #[arg(long)]
+        lazy: bool,
+        /// Refuse the chain unless it was taken by this backend.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+        /// Write the restored guest memory as one raw file (regions in address order).
+        #[arg(long)]
+        dump_memory: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 /// Run a `squib snapshot` subcommand.
 ///
 /// # Errors
 /// Whatever the subcommand reports.
 pub fn run(c: SnapshotCommand) -> CmdResult {
-    match c {}
+    match c {
+        SnapshotCommand::Inspect { dir, json } => inspect(&dir, json),
+        SnapshotCommand::Verify { dir, json } => verify_cmd(&dir, json),
+        SnapshotCommand::Merge { dirs, out } => {
+            let started = Instant::now();
+            let saved = merge(&dirs, &out)?;
+            eprintln!(
+                "merged {} into {} ({} bytes, {} written) in {:.1?}",
+                dirs.last().map(|d| d.display().to_string()).unwrap_or_default(),
+                saved.dir.display(),
+                saved.extent_bytes,
+                saved.written_bytes,
+                started.elapsed()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Restore {
+            dir,
+            lazy,
+            backend,
+            dump_memory: dump,
+            json,
+        } => restore_cmd(&dir, lazy, backend, dump, json),
+    }
+}
+
+fn backend_name(b: BackendKind) -> &'static str {
+    match b {
+        BackendKind::Soft => "soft",
+        BackendKind::Kvm => "kvm",
+        BackendKind::Hvf => "hvf",
+    }
+}
+
+fn created(s: &SnapshotState) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(s.created_unix_ms)).to_string()
+}
+
+fn inspect(dir: &std::path::Path, as_json: bool) -> CmdResult {
+    let snap = LoadedSnapshot::open(dir)?;
+    let s = &snap.state;
+    if as_json {
+        let v = json!({
+            "dir": snap.dir,
+            "type": s.kind.name(),
+            "id": s.id.to_string(),
+            "parent": s.parent.as_ref().map(|p| json!({"id": p.id.to_string(), "dir": p.dir})),
+            "backend": s.backend,
+            "geometry": s.geometry,
+            "regions": s.layout.iter().map(|r| json!({"gpa": r.gpa, "len": r.len, "file_offset": r.file_offset})).collect::<Vec<_>>(),
+            "extents": s.extents.iter().map(|e| json!({"gpa": e.gpa, "len": e.len, "xxh3": format!("{:016x}", e.xxh3)})).collect::<Vec<_>>(),
+            "extent_count": s.extents.len(),
+            "dirty_bytes": s.extent_bytes(),
+            "memory_bytes": s.layout_bytes(),
+            "vcpus": s.vcpus.len(),
+            "devices": s.devices.iter().map(|d| json!({"name": d.name, "bytes": d.data.len()})).collect::<Vec<_>>(),
+            "created_unix_ms": s.created_unix_ms,
+            "created": created(s),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("snapshot  {}", snap.dir.display());
+    println!("type      {}", s.kind.name());
+    println!("id        {}", s.id);
+    match &s.parent {
+        Some(p) => println!("parent    {} ({})", p.dir, p.id),
+        None => println!("parent    -"),
+    }
+    println!("backend   {}", s.backend);
+    println!("geometry  {}", geometry_name(&s.geometry));
+    println!("created   {}", created(s));
+    println!("regions   {}", s.layout.len());
+    for r in &s.layout {
+        println!(
+            "  {:#014x}..{:#014x}  {:>12} bytes  at file offset {:#x}",
+            r.gpa,
+            r.gpa + r.len,
+            r.len,
+            r.file_offset
+        );
+    }
+    println!("extents   {}", s.extents.len());
+    println!("dirty     {} bytes of {}", s.extent_bytes(), s.layout_bytes());
+    println!("vcpus     {}", s.vcpus.len());
+    println!(
+        "devices   {}",
+        s.devices
+            .iter()
+            .map(|d| format!("{} ({} bytes)", d.name, d.data.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_cmd(dir: &std::path::Path, as_json: bool) -> CmdResult {
+    let report = verify(dir)?;
+    if as_json {
+        let v = json!({
+            "sound": report.is_sound(),
+            "chain": report.chain,
+            "extents_checked": report.extents_checked,
+            "bytes_checked": report.bytes_checked,
+            "problems": report.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for p in &report.problems {
+            eprintln!("squib: {p}");
+        }
+        println!(
+            "{}: {} ({} snapshots, {} extents, {} bytes checked)",
+            dir.display(),
+            if report.is_sound() { "sound" } else { "CORRUPT" },
+            report.chain.len(),
+            report.extents_checked,
+            report.bytes_checked
+        );
+    }
+    Ok(if report.is_sound() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn restore_cmd(
+    dir: &std::path::Path,
+    lazy: bool,
+    backend: Option<BackendKind>,
+    dump: Option<PathBuf>,
+    as_json: bool,
+) -> CmdResult {
+    let started = Instant::now();
+    let chain = Chain::load(dir)?;
+    chain.check_target(backend.map(backend_name), None)?;
+    let mode = if lazy {
+        RestoreMode::Lazy
+    } else {
+        RestoreMode::Eager
+    };
+    let restored = restore_chain(&chain, mode)?;
+    let elapsed = started.elapsed();
+    if let Some(out) = &dump {
+        dump_memory(&restored.memory, out).with_context(|| format!("dumping memory to {}", out.display()))?;
+    }
+    let mode_name = if lazy { "lazy" } else { "eager" };
+    if as_json {
+        let v = json!({
+            "dir": dir,
+            "mode": mode_name,
+            "chain": chain.members.iter().map(|m| m.dir.clone()).collect::<Vec<_>>(),
+            "memory_bytes": restored.state.layout_bytes(),
+            "bytes_read": restored.bytes_read,
+            "vcpus": restored.state.vcpus.len(),
+            "restore_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            "dump": dump,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "restored {} ({} snapshots, {} bytes of guest memory, {} read, {mode_name}) in {:.2?}",
+            dir.display(),
+            chain.members.len(),
+            restored.state.layout_bytes(),
+            restored.bytes_read,
+            elapsed
+        );
+        if let Some(out) = dump {
+            println!("guest memory written to {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use squib_arch::{GpaRange, PageGeometry};
+    use squib_snapshot::snapshot::{ChainWriter, SnapshotMeta};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
+
+    /// A chain of a full snapshot and one diff; returns the leaf and the live memory.
+    fn chain(dir: &std::path::Path) -> (PathBuf, Vec<u8>) {
+        let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        mem.write_slice(&[7u8; 0x3000], GuestAddress(0x1000)).unwrap();
+        let meta = SnapshotMeta::new("soft", PageGeometry::X86_64);
+        let mut w = ChainWriter::create(dir).unwrap();
+        w.save(&mem, &[], &meta).unwrap();
+        mem.write_slice(&[9u8; 0x10], GuestAddress(0x8000)).unwrap();
+        let d = w
+            .save(&mem, &[GpaRange::new(0x8000, 0x1000).unwrap()], &meta)
+            .unwrap();
+        let mut live = vec![0u8; 2 << 20];
+        mem.read_slice(&mut live, GuestAddress(0)).unwrap();
+        (d.dir, live)
+    }
+
+    #[test]
+    fn test_should_exit_zero_from_verify_only_when_the_chain_is_sound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leaf, _) = chain(dir.path());
+        let ok = run(SnapshotCommand::Verify {
+            dir: leaf.clone(),
+            json: false,
+        })
+        .unwrap();
+        assert_eq!(ok, ExitCode::SUCCESS);
+        let mem = dir.path().join("000000-full").join("memory");
+        let mut bytes = std::fs::read(&mem).unwrap();
+        bytes[0x1800] ^= 1;
+        std::fs::write(&mem, bytes).unwrap();
+        let bad = run(SnapshotCommand::Verify {
+            dir: leaf.clone(),
+            json: true,
+        })
+        .unwrap();
+        assert_eq!(bad, ExitCode::FAILURE);
+        std::fs::remove_file(dir.path().join("000000-full").join("state")).unwrap();
+        let err = run(SnapshotCommand::Verify {
+            dir: leaf,
+            json: false,
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("000000-full"), "{err:#}");
+    }
+
+    #[test]
+    fn test_should_dump_the_restored_memory_of_a_chain_and_its_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leaf, live) = chain(&dir.path().join("c"));
+        let out = dir.path().join("merged");
+        run(SnapshotCommand::Merge {
+            dirs: vec![leaf.clone()],
+            out: out.clone(),
+        })
+        .unwrap();
+        for (src, lazy, name) in [(&leaf, false, "a"), (&leaf, true, "b"), (&out, false, "c")] {
+            let dump = dir.path().join(format!("dump-{name}"));
+            let code = run(SnapshotCommand::Restore {
+                dir: src.clone(),
+                lazy,
+                backend: Some(BackendKind::Soft),
+                dump_memory: Some(dump.clone()),
+                json: true,
+            })
+            .unwrap();
+            assert_eq!(code, ExitCode::SUCCESS);
+            assert_eq!(std::fs::read(&dump).unwrap(), live, "{name}");
+        }
+        let err = run(SnapshotCommand::Restore {
+            dir: leaf,
+            lazy: false,
+            backend: Some(BackendKind::Kvm),
+            dump_memory: None,
+            json: false,
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("backend mismatch"), "{err:#}");
+    }
+
+    #[test]
+    fn test_should_inspect_a_diff_naming_its_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leaf, _) = chain(dir.path());
+        assert_eq!(
+            run(SnapshotCommand::Inspect {
+                dir: leaf.clone(),
+                json: true
+            })
+            .unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            run(SnapshotCommand::Inspect {
+                dir: leaf,
+                json: false
+            })
+            .unwrap(),
+            ExitCode::SUCCESS
+        );
+        let err = run(SnapshotCommand::Inspect {
+            dir: dir.path().join("nope"),
+            json: false,
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("nope/state"), "{err:#}");
+    }
 }

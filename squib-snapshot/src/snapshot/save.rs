@@ -1,0 +1,423 @@
+//! Writing one snapshot directory atomically.
+//!
+//! Why the bounce buffer: a live checkpoint copies guest memory while vCPUs run (the tracker has
+//! re-protected the pages, but the guest may fault them writable again and write during the
+//! copy). Each chunk is copied once out of guest memory, and that one copy is both hashed and
+//! written, so the recorded xxh3 always matches the bytes on disk; a page the guest tears during
+//! the copy is dirty again and lands in the next diff. The chunk (2 MiB) stays in cache between
+//! the copy, the hash and the `pwrite`.
+//!
+//! Why temp-then-rename: the directory appears under its final name by one `rename` after both
+//! files and the directory itself are synced, and the parent directory is synced after the
+//! rename. Any failure before that removes the temp directory, so the destination is untouched.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use squib_arch::{GpaRange, PageGeometry};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::format::{Extent, ParentRef, RegionLayout, Section, SnapshotId, SnapshotKind, SnapshotState};
+use super::io::SnapshotIo;
+use super::{MEMORY_FILE, STATE_FILE, SnapshotError};
+
+/// Bytes copied out of guest memory per step.
+pub const CHUNK: usize = 2 << 20;
+/// The page size at which a full snapshot leaves all-zero pages as holes.
+pub const ZERO_PAGE: usize = 4096;
+
+/// What a run loop knows about its VM besides memory: the backend, its geometry, and opaque
+/// per-backend vCPU and device state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// Backend name (`"soft"`, `"kvm"`, `"hvf"`).
+    pub backend: String,
+    /// The tracker's geometry.
+    pub geometry: PageGeometry,
+    /// Opaque per-vCPU state (index = vCPU id).
+    pub vcpus: Vec<Vec<u8>>,
+    /// Opaque device state sections.
+    pub devices: Vec<Section>,
+}
+
+impl SnapshotMeta {
+    /// Meta with no vCPU or device state.
+    #[must_use]
+    pub fn new(backend: &str, geometry: PageGeometry) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            geometry,
+            vcpus: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSnapshot {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Its id.
+    pub id: SnapshotId,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// Number of extents.
+    pub extents: usize,
+    /// Guest bytes the extents cover.
+    pub extent_bytes: u64,
+    /// Bytes actually written to the memory file (all-zero pages of a full snapshot are skipped).
+    pub written_bytes: u64,
+}
+
+/// The layout of `mem`: its regions sorted by address, packed back to back.
+///
+/// # Errors
+/// [`SnapshotError::GuestMemory`] when a region is not aligned to the granule.
+pub fn layout_of(
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    geometry: &PageGeometry,
+) -> Result<Vec<RegionLayout>, SnapshotError> {
+    let mut regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    regions.sort_unstable();
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(regions.len());
+    for (gpa, len) in regions {
+        if !(gpa | len).is_multiple_of(geometry.granule) {
+            return Err(SnapshotError::GuestMemory(format!(
+                "region {gpa:#x}+{len:#x} is not aligned to the {:#x}-byte granule",
+                geometry.granule
+            )));
+        }
+        out.push(RegionLayout {
+            gpa,
+            len,
+            file_offset: offset,
+        });
+        offset += len;
+    }
+    Ok(out)
+}
+
+/// A fresh id: xxh3-128 over the time, the process, a counter and the destination.
+pub(crate) fn new_id(dest: &Path) -> SnapshotId {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut seed = Vec::with_capacity(64);
+    seed.extend_from_slice(&nanos.to_le_bytes());
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    seed.extend_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    seed.extend_from_slice(dest.as_os_str().as_encoded_bytes());
+    SnapshotId(xxhash_rust::xxh3::xxh3_128(&seed))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Sort, check and coalesce dirty ranges, splitting at region boundaries.
+fn normalise(
+    ranges: &[GpaRange],
+    layout: &[RegionLayout],
+    granule: u64,
+) -> Result<Vec<GpaRange>, SnapshotError> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut out: Vec<GpaRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        if !r.is_aligned(granule) {
+            return Err(SnapshotError::BadRange {
+                start: r.start(),
+                len: r.len(),
+                reason: "not aligned to the granule",
+            });
+        }
+        let inside = layout
+            .iter()
+            .any(|l| r.start() >= l.gpa && r.end() <= l.gpa + l.len);
+        if !inside {
+            return Err(SnapshotError::BadRange {
+                start: r.start(),
+                len: r.len(),
+                reason: "not inside one region of guest memory",
+            });
+        }
+        if let Some(last) = out.last_mut() {
+            let same_region = layout
+                .iter()
+                .any(|l| last.start() >= l.gpa && r.end() <= l.gpa + l.len);
+            if r.start() <= last.end() && same_region {
+                if r.end() > last.end() {
+                    *last = GpaRange::from_bounds(last.start(), r.end()).unwrap_or(*last);
+                }
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Copies guest memory into the memory file, chunk by chunk through one bounce buffer.
+struct MemoryWriter<'a> {
+    file: &'a File,
+    path: &'a Path,
+    io: &'a dyn SnapshotIo,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl MemoryWriter<'_> {
+    /// Copy `[gpa, gpa + len)` to `file_offset..`, returning the xxh3 of the bytes.
+    fn copy(
+        &mut self,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+        gpa: u64,
+        len: u64,
+        file_offset: u64,
+        skip_zero: bool,
+    ) -> Result<u64, SnapshotError> {
+        let mut hasher = Xxh3::new();
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let Self {
+                file,
+                path,
+                io,
+                buf,
+                written,
+            } = self;
+            let mut put = |b: &[u8], off: u64| {
+                *written += b.len() as u64;
+                io.write_at(file, b, off)
+                    .map_err(SnapshotError::io(path, "write"))
+            };
+            let buf = &mut buf[..n];
+            mem.read_slice(buf, GuestAddress(gpa + done))
+                .map_err(|e| SnapshotError::GuestMemory(format!("reading {:#x}: {e}", gpa + done)))?;
+            hasher.update(buf);
+            let at = file_offset + done;
+            if skip_zero {
+                let mut run: Option<usize> = None;
+                for (p, page) in buf.chunks(ZERO_PAGE).enumerate() {
+                    let zero = is_zero(page);
+                    match (run, zero) {
+                        (None, false) => run = Some(p * ZERO_PAGE),
+                        (Some(s), true) => {
+                            put(&buf[s..p * ZERO_PAGE], at + s as u64)?;
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(s) = run {
+                    put(&buf[s..], at + s as u64)?;
+                }
+            } else {
+                put(buf, at)?;
+            }
+            done += n as u64;
+        }
+        Ok(hasher.digest())
+    }
+}
+
+/// Whether every byte is zero (word at a time; the compiler vectorises the fold).
+pub(crate) fn is_zero(page: &[u8]) -> bool {
+    let (words, tail) = page.split_at(page.len() - page.len() % 8);
+    words.chunks_exact(8).fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    }) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Write a full snapshot of `mem` to `dest` (which must not exist).
+///
+/// # Errors
+/// Any [`SnapshotError`]; on error nothing exists at `dest` and no temp files remain.
+pub fn save_full(
+    dest: &Path,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    meta: &SnapshotMeta,
+    io: &dyn SnapshotIo,
+) -> Result<SavedSnapshot, SnapshotError> {
+    let layout = layout_of(mem, &meta.geometry)?;
+    let ranges: Vec<(u64, u64)> = layout.iter().map(|r| (r.gpa, r.len)).collect();
+    write_snapshot(dest, mem, meta, layout, &ranges, None, io)
+}
+
+/// Write a diff of `mem` holding `ranges` (the tracker's dirty ranges), chained to `parent`.
+///
+/// # Errors
+/// Any [`SnapshotError`]; on error nothing exists at `dest` and no temp files remain.
+pub fn save_diff(
+    dest: &Path,
+    parent: ParentRef,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    ranges: &[GpaRange],
+    meta: &SnapshotMeta,
+    io: &dyn SnapshotIo,
+) -> Result<SavedSnapshot, SnapshotError> {
+    let layout = layout_of(mem, &meta.geometry)?;
+    let ranges: Vec<(u64, u64)> = normalise(ranges, &layout, meta.geometry.granule)?
+        .iter()
+        .map(|r| (r.start(), r.len()))
+        .collect();
+    write_snapshot(dest, mem, meta, layout, &ranges, Some(parent), io)
+}
+
+/// Write a snapshot with the given extents through a temp directory and rename it into place.
+fn write_snapshot(
+    dest: &Path,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    meta: &SnapshotMeta,
+    layout: Vec<RegionLayout>,
+    ranges: &[(u64, u64)],
+    parent: Option<ParentRef>,
+    io: &dyn SnapshotIo,
+) -> Result<SavedSnapshot, SnapshotError> {
+    if dest.symlink_metadata().is_ok() {
+        return Err(SnapshotError::DestinationExists {
+            path: dest.to_path_buf(),
+        });
+    }
+    let id = new_id(dest);
+    let tmp = temp_dir_for(dest)?;
+    std::fs::create_dir(&tmp).map_err(SnapshotError::io(&tmp, "create directory"))?;
+    let result = (|| {
+        let kind = if parent.is_some() {
+            SnapshotKind::Diff
+        } else {
+            SnapshotKind::Full
+        };
+        let mem_path = tmp.join(MEMORY_FILE);
+        let file = File::create_new(&mem_path).map_err(SnapshotError::io(&mem_path, "create"))?;
+        let total: u64 = layout.iter().map(|r| r.len).sum();
+        file.set_len(total)
+            .map_err(SnapshotError::io(&mem_path, "set length"))?;
+        let mut w = MemoryWriter {
+            file: &file,
+            path: &mem_path,
+            io,
+            buf: vec![0u8; CHUNK],
+            written: 0,
+        };
+        let mut extents = Vec::with_capacity(ranges.len());
+        for &(gpa, len) in ranges {
+            let region = layout
+                .iter()
+                .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.len)
+                .ok_or(SnapshotError::BadRange {
+                    start: gpa,
+                    len,
+                    reason: "not inside one region of guest memory",
+                })?;
+            let xxh3 = w.copy(
+                mem,
+                gpa,
+                len,
+                region.file_offset + (gpa - region.gpa),
+                kind == SnapshotKind::Full,
+            )?;
+            extents.push(Extent { gpa, len, xxh3 });
+        }
+        file.sync_all().map_err(SnapshotError::io(&mem_path, "fsync"))?;
+        let state = SnapshotState {
+            id,
+            kind,
+            parent,
+            created_unix_ms: now_ms(),
+            backend: meta.backend.clone(),
+            geometry: meta.geometry,
+            layout,
+            extents,
+            vcpus: meta.vcpus.clone(),
+            devices: meta.devices.clone(),
+        };
+        let state_path = tmp.join(STATE_FILE);
+        let bytes = state.encode().map_err(|source| SnapshotError::Format {
+            path: state_path.clone(),
+            source,
+        })?;
+        let sf = File::create_new(&state_path).map_err(SnapshotError::io(&state_path, "create"))?;
+        io.write_at(&sf, &bytes, 0)
+            .map_err(SnapshotError::io(&state_path, "write"))?;
+        sf.sync_all().map_err(SnapshotError::io(&state_path, "fsync"))?;
+        sync_dir(&tmp)?;
+        Ok(SavedSnapshot {
+            dir: dest.to_path_buf(),
+            id,
+            kind,
+            extents: state.extents.len(),
+            extent_bytes: state.extent_bytes(),
+            written_bytes: w.written,
+        })
+    })();
+    match result {
+        Ok(saved) => {
+            if let Err(e) = rename_into_place(&tmp, dest) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            Ok(saved)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A hidden temp directory beside `dest`: same file system, so the rename is atomic.
+fn temp_dir_for(dest: &Path) -> Result<PathBuf, SnapshotError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = dest.file_name().ok_or_else(|| SnapshotError::Usage {
+        path: dest.to_path_buf(),
+        reason: "destination has no directory name".into(),
+    })?;
+    let tmp_name = format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    Ok(dest.with_file_name(tmp_name))
+}
+
+/// `rename` without replacing anything (`RENAME_NOREPLACE`), then fsync the parent directory.
+fn rename_into_place(tmp: &Path, dest: &Path) -> Result<(), SnapshotError> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    if let Err(errno) = renameat_with(CWD, tmp, CWD, dest, RenameFlags::NOREPLACE) {
+        if errno == rustix::io::Errno::EXIST {
+            return Err(SnapshotError::DestinationExists {
+                path: dest.to_path_buf(),
+            });
+        }
+        return Err(SnapshotError::Io {
+            path: dest.to_path_buf(),
+            op: "rename into place",
+            source: errno.into(),
+        });
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync_dir(parent)
+}
+
+/// fsync a directory.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(SnapshotError::io(dir, "fsync directory"))
+}
