@@ -5,7 +5,8 @@
 //! the way a real guest does (the CPU's stores going through the hypervisor's stage-2 / shadow
 //! tables, so that the kernel's dirty log and userfaultfd see real writes), and nothing else.
 //! There is no guest kernel: the VMM puts the vCPU straight into 64-bit user mode with page tables
-//! it built, and the program reports to the VMM with port I/O (`out`, allowed at CPL3 by IOPL=3).
+//! it built, and the program reports to the VMM with port I/O (`out`, allowed at CPL3 by the TSS
+//! I/O permission bitmap).
 //! On nested hypervisors that emulate CPL0 instruction by instruction, user-mode code is also the
 //! only kind that runs at native speed.
 //!
@@ -47,6 +48,8 @@ pub const PORT_PAUSE: u16 = 0x511;
 pub const PORT_IDLE: u16 = 0x512;
 /// Port the poke program writes to when its write is done.
 pub const PORT_DONE: u16 = 0x513;
+/// Every port a guest program writes to, with the 4 bytes an `out dx, eax` covers from each.
+pub const GUEST_PORTS: std::ops::RangeInclusive<u16> = PORT_PROGRESS..=PORT_DONE + 3;
 /// Writes between two looks at the mailbox (pause requests, progress word).
 pub const CHECK_EVERY: u64 = 256;
 

@@ -26,7 +26,8 @@ use vm_memory::{
 
 use super::dirty_log::DirtyLogBackend;
 use super::guest::{
-    GuestError, PORT_DONE, PORT_IDLE, PORT_PAUSE, PORT_PROGRESS, Workload, poke_program, workload_program,
+    GUEST_PORTS, GuestError, PORT_DONE, PORT_IDLE, PORT_PAUSE, PORT_PROGRESS, Workload, poke_program,
+    workload_program,
 };
 use super::layout::{LayoutError, MemoryLayout, REGION_ALIGN};
 use super::uffd::UffdWpBackend;
@@ -35,7 +36,11 @@ use super::uffd::UffdWpBackend;
 const PML4: u64 = 0;
 const PDPT: u64 = 0x1000;
 const PD_FIRST: u64 = 0x2000;
-const PD_END: u64 = 0x4_0000;
+const PD_END: u64 = 0x3_0000;
+const TSS: u64 = 0x3_0000;
+/// The TSS's I/O permission bitmap, right after its 104-byte body, covering ports 0..0x600.
+const IOMAP: u64 = 0x68;
+const IOMAP_BYTES: u64 = 0x600 / 8;
 const GDT: u64 = 0x4_0000;
 const POKE_CODE: u64 = 0x4_1000;
 const WORKLOAD_CODE: u64 = 0x4_2000;
@@ -47,8 +52,10 @@ pub const MAX_VCPUS: u32 = 256;
 
 const USER_CODE: u16 = 0x23;
 const USER_DATA: u16 = 0x1b;
-/// RFLAGS: reserved bit 1, IOPL=3 so CPL3 code may use `out`.
-const RFLAGS: u64 = 0x3002;
+/// RFLAGS: reserved bit 1 only. IOPL stays 0: the guest's ports are opened by the TSS I/O
+/// permission bitmap instead, because a nested hypervisor (kvm_pvm) was seen dropping a guest's
+/// IOPL=3 mid-run (RFLAGS 0x10046 at a #GP on `out`, a triple fault with no IDT).
+const RFLAGS: u64 = 0x2;
 const PTE_P: u64 = 1;
 const PTE_RW: u64 = 2;
 const PTE_US: u64 = 4;
@@ -546,6 +553,21 @@ fn long_mode_user(s: &mut kvm_sregs, sys: u64) {
     s.fs = data;
     s.gs = data;
     s.ss = data;
+    s.tr = kvm_segment {
+        base: sys + TSS,
+        limit: u32::try_from(IOMAP + IOMAP_BYTES).unwrap_or(0x67),
+        selector: 0x28,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
     s.gdt.base = sys + GDT;
     s.gdt.limit = 5 * 8 - 1;
     // CR0: PE, MP, ET, NE, WP, PG.
@@ -607,6 +629,17 @@ fn build_system(layout: &MemoryLayout, sys: &GuestMemoryMmap<()>) -> Result<(), 
     for (i, d) in (0u64..).zip(gdt) {
         w(d, GDT + i * 8)?;
     }
+    // TSS: I/O map base at IOMAP; the guest's ports allowed (bit clear), every other port denied,
+    // and the terminating all-ones byte.
+    let iomap_base = u16::try_from(IOMAP).unwrap_or(0x68);
+    sys.write_obj(iomap_base, GuestAddress(base + TSS + 102))
+        .map_err(|e| KvmError::Memory(format!("writing the TSS: {e}")))?;
+    let mut iomap = vec![0xffu8; usize::try_from(IOMAP_BYTES + 1).unwrap_or(0)];
+    for port in GUEST_PORTS {
+        iomap[usize::from(port / 8)] &= !(1 << (port % 8));
+    }
+    sys.write_slice(&iomap, GuestAddress(base + TSS + IOMAP))
+        .map_err(|e| KvmError::Memory(format!("writing the I/O permission bitmap: {e}")))?;
     let poke = poke_program(base + POKE_CODE)?;
     sys.write_slice(&poke, GuestAddress(base + POKE_CODE))
         .map_err(|e| KvmError::Memory(format!("writing the poke program: {e}")))?;
