@@ -117,7 +117,7 @@ fn test_should_restore_what_the_guest_wrote_in_dirty_log_mode() {
     if !kvm_or_skip("test_should_restore_what_the_guest_wrote_in_dirty_log_mode") {
         return;
     }
-    run(Tracking::DirtyLog, Policy::Adaptive, "random:range=12M,seed=5");
+    run(Tracking::DirtyLog, Policy::Adaptive, "random:len=12M,seed=5");
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn test_should_restore_what_the_guest_wrote_in_uffd_wp_mode_adaptive() {
     if !kvm_or_skip("test_should_restore_what_the_guest_wrote_in_uffd_wp_mode_adaptive") {
         return;
     }
-    run(Tracking::UffdWp, Policy::Adaptive, "hotspot:range=12M,seed=9");
+    run(Tracking::UffdWp, Policy::Adaptive, "hotspot:len=12M,seed=9");
 }
 
 #[test]
@@ -133,5 +133,5 @@ fn test_should_restore_what_the_guest_wrote_in_uffd_wp_mode_fine() {
     if !kvm_or_skip("test_should_restore_what_the_guest_wrote_in_uffd_wp_mode_fine") {
         return;
     }
-    run(Tracking::UffdWp, Policy::Fine, "random:range=12M,seed=5");
+    run(Tracking::UffdWp, Policy::Fine, "random:len=12M,seed=5");
 }

@@ -22,7 +22,7 @@ pub mod uffd;
 pub mod vm;
 
 pub use dirty_log::DirtyLogBackend;
-pub use guest::{GuestError, Shape, Slice, Workload};
+pub use guest::{Entry, GuestError, Shape, Workload};
 pub use layout::{LayoutError, MemoryLayout};
 pub use runner::{FaultServer, Machine};
 pub use uffd::UffdWpBackend;

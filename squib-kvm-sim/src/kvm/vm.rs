@@ -47,6 +47,8 @@ const WORKLOAD_CODE: u64 = 0x4_2000;
 const WORKLOAD_CODE_END: u64 = 0x8_0000;
 const MAILBOXES: u64 = 0x8_0000;
 const MAILBOX_SIZE: u64 = 64;
+const HOTSPOT_TABLE: u64 = 0x10_0000;
+const HOTSPOT_TABLE_END: u64 = 0x20_0000;
 /// Most vCPUs a VM can have (mailbox space).
 pub const MAX_VCPUS: u32 = 256;
 
@@ -469,7 +471,10 @@ impl KvmVm {
         if n == 0 {
             return Err(KvmError::Config("no idle vCPU to run the workload".into()));
         }
-        let slices = workload.slices(self.layout.total(), n)?;
+        let ram = self.layout.total();
+        let entries = (0..n)
+            .map(|i| workload.entry(ram, i, n))
+            .collect::<Result<Vec<_>, _>>()?;
         let sys = self.layout.system().start();
         let code = workload_program(workload, sys + WORKLOAD_CODE)?;
         if code.len() > usize::try_from(WORKLOAD_CODE_END - WORKLOAD_CODE).unwrap_or(0) {
@@ -478,6 +483,17 @@ impl KvmVm {
         self.sys
             .write_slice(&code, GuestAddress(sys + WORKLOAD_CODE))
             .map_err(|e| KvmError::Memory(format!("writing the workload program: {e}")))?;
+        let table = workload.hotspot_table(ram)?;
+        if table.len() > usize::try_from(HOTSPOT_TABLE_END - HOTSPOT_TABLE).unwrap_or(0) {
+            return Err(KvmError::Config(format!(
+                "hotspot over {ram:#x} bytes needs a {}-byte table; the system area holds {:#x}",
+                table.len(),
+                HOTSPOT_TABLE_END - HOTSPOT_TABLE
+            )));
+        }
+        self.sys
+            .write_slice(&table, GuestAddress(sys + HOTSPOT_TABLE))
+            .map_err(|e| KvmError::Memory(format!("writing the hotspot table: {e}")))?;
         let control = Arc::new(Control {
             state: Mutex::new(CtlState::default()),
             cv: Condvar::new(),
@@ -489,17 +505,21 @@ impl KvmVm {
         });
         for (i, v) in self.vcpus.iter().enumerate() {
             let id = u32::try_from(i).unwrap_or(u32::MAX);
-            let s = slices[i];
+            let e = entries[i];
             let mailbox = control.mailboxes[i];
             control.set(i, 0, Workload::first_value(id));
             control.set(i, 8, 0);
             let regs = kvm_regs {
                 rip: sys + WORKLOAD_CODE,
                 rflags: RFLAGS,
-                r8: s.base,
-                r9: s.len,
-                r10: s.len / workload.len,
-                r11: workload.hot_units(s.len),
+                r8: e.base,
+                r9: e.len,
+                r10: e.count,
+                r11: if table.is_empty() {
+                    e.aux
+                } else {
+                    sys + HOTSPOT_TABLE
+                },
                 r12: mailbox,
                 r13: Workload::first_value(id),
                 r14: workload.rng_state(id),
