@@ -90,7 +90,7 @@ fn run(tracking: Tracking, policy: Policy, spec: &str) {
     for d in &diffs[..4] {
         dirty += d.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
     }
-    assert!(writes > 1000, "{tracking:?}: the guest made only {writes} writes");
+    assert!(writes >= 256, "{tracking:?}: the guest made only {writes} writes");
     assert!(
         dirty > 0,
         "{tracking:?}: no diff taken while running held anything"
