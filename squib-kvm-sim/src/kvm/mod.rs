@@ -24,6 +24,8 @@ pub mod vm;
 pub use dirty_log::DirtyLogBackend;
 pub use guest::{Entry, GuestError, Shape, Workload};
 pub use layout::{LayoutError, MemoryLayout};
-pub use runner::{FaultServer, Machine};
+pub use runner::{
+    CheckpointRecord, CheckpointSink, CountingSink, FaultServer, Machine, RunConfig, RunReport,
+};
 pub use uffd::UffdWpBackend;
 pub use vm::{KvmBackend, KvmError, KvmVm, RunStats, Tracking, VmConfig, Workers, kvm_available};

@@ -8,11 +8,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use squib_arch::GpaRange;
 use squib_snapshot::{BackendError, DirtyTracker, GuestFault, Stage2Backend, TrackError, TrackingConfig};
 
+use vm_memory::{GuestMemoryMmap, bitmap::AtomicBitmap};
+
+use super::guest::Workload;
 use super::uffd::UffdWpBackend;
 use super::vm::{KvmBackend, KvmError, KvmVm, VmConfig};
 
@@ -158,4 +161,162 @@ impl Machine {
         }
         Ok(())
     }
+}
+
+/// Receives each checkpoint's dirty ranges while the guest keeps running: a diff snapshot
+/// writer, or an accountant.
+pub trait CheckpointSink {
+    /// What writing can fail with; the tracker folds the ranges back on failure.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Save `ranges` (sorted, coalesced) of `mem` as checkpoint `index` (0 is the first). Runs
+    /// after the ranges were re-protected, while vCPUs may be writing.
+    ///
+    /// # Errors
+    /// Whatever the writer reports.
+    fn write(
+        &mut self,
+        index: u64,
+        ranges: &[GpaRange],
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+    ) -> Result<(), Self::Error>;
+}
+
+/// A sink that saves nothing: the run's records are the report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CountingSink;
+
+impl CheckpointSink for CountingSink {
+    type Error = std::convert::Infallible;
+    fn write(
+        &mut self,
+        _: u64,
+        _: &[GpaRange],
+        _: &GuestMemoryMmap<AtomicBitmap>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// How to run a KVM guest.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The VM.
+    pub vm: VmConfig,
+    /// The workload every vCPU runs.
+    pub workload: Workload,
+    /// Tracking policy and its parameters.
+    pub tracking: TrackingConfig,
+    /// How long the guest runs.
+    pub run_for: Duration,
+    /// Live checkpoint interval.
+    pub checkpoint_every: Duration,
+}
+
+/// One checkpoint of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckpointRecord {
+    /// 0 for the first.
+    pub index: u64,
+    /// When it started, from the start of the run.
+    pub at_ms: f64,
+    /// Bytes handed to the sink.
+    pub dirty_bytes: u64,
+    /// Ranges handed to the sink.
+    pub ranges: usize,
+    /// How long the checkpoint took (harvest, drain, re-protect, sink).
+    pub took_us: f64,
+    /// Whether the vCPUs were paused (only the last one).
+    pub paused: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Guest writes made.
+    pub writes: u64,
+    /// Progress exits taken.
+    pub progress_exits: u64,
+    /// Faults the uffd handler served (0 under `dirty-log`).
+    pub faults_served: u64,
+    /// Wall time of the guest's run.
+    pub elapsed: Duration,
+    /// The tracker's counters at the end.
+    pub tracker: squib_snapshot::TrackerCounters,
+    /// Every checkpoint, in order; the last closes the run with the vCPUs paused.
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+fn checkpoint<S: CheckpointSink>(
+    m: &Machine,
+    index: u64,
+    started: Instant,
+    paused: bool,
+    sink: &mut S,
+) -> Result<CheckpointRecord, KvmError> {
+    let t = Instant::now();
+    let mem = m.vm.ram();
+    let stats = m
+        .tracker
+        .checkpoint(Some(mem), |ranges| sink.write(index, ranges, mem))
+        .map_err(|e| KvmError::Checkpoint(format!("checkpoint {index}: {e}")))?;
+    Ok(CheckpointRecord {
+        index,
+        at_ms: (t - started).as_secs_f64() * 1e3,
+        dirty_bytes: stats.dirty_bytes,
+        ranges: stats.ranges,
+        took_us: t.elapsed().as_secs_f64() * 1e6,
+        paused,
+    })
+}
+
+/// Run `cfg.workload` on a fresh KVM VM for `cfg.run_for`, with live checkpoints every
+/// `cfg.checkpoint_every` handed to `sink`, and a last one with the vCPUs paused.
+///
+/// # Errors
+/// [`KvmError`] from building the VM, the workload, a checkpoint or a vCPU.
+pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport, KvmError> {
+    if cfg.checkpoint_every.is_zero() {
+        return Err(KvmError::Config(
+            "the checkpoint interval must be above zero".into(),
+        ));
+    }
+    let mut m = Machine::new(&cfg.vm, cfg.tracking)?;
+    let started = Instant::now();
+    let workers = m.vm.start(&cfg.workload)?;
+    let result = (|| {
+        m.tracker.start()?;
+        let mut records = Vec::new();
+        let end = started + cfg.run_for;
+        let mut next = started + cfg.checkpoint_every;
+        while next < end && !workers.any_exited() {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            let index = u64::try_from(records.len()).unwrap_or(u64::MAX);
+            records.push(checkpoint(&m, index, started, false, sink)?);
+            next += cfg.checkpoint_every;
+        }
+        if !workers.any_exited() {
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+        }
+        workers.pause(Duration::from_secs(30))?;
+        let index = u64::try_from(records.len()).unwrap_or(u64::MAX);
+        records.push(checkpoint(&m, index, started, true, sink)?);
+        Ok::<_, KvmError>(records)
+    })();
+    let elapsed = started.elapsed();
+    let progress_exits = workers.progress_exits();
+    workers.resume();
+    let stats = m.vm.stop(workers);
+    let checkpoints = result?;
+    let stats = stats?;
+    let report = RunReport {
+        writes: stats.writes,
+        progress_exits,
+        faults_served: m.faults_served(),
+        elapsed,
+        tracker: m.tracker.counters(),
+        checkpoints,
+    };
+    m.shutdown()?;
+    Ok(report)
 }

@@ -115,6 +115,9 @@ pub enum KvmError {
     /// A configuration value is unusable.
     #[error("{0}")]
     Config(String),
+    /// A checkpoint failed (its units were folded back).
+    #[error("{0}")]
+    Checkpoint(String),
     /// vCPUs did not reach a pause in time.
     #[error("vCPUs did not pause within {0:?} (a vCPU blocked on an unserved fault?)")]
     PauseTimeout(Duration),
