@@ -124,7 +124,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn run(args: RunArgs) -> CmdResult {
     match args.backend {
         BackendKind::Soft => super::run_soft::run(&args),
-        BackendKind::Kvm | BackendKind::Hvf => {
+        BackendKind::Kvm => super::run_kvm::run(&args),
+        BackendKind::Hvf => {
             anyhow::bail!("--backend {:?}: not built into this squib yet", args.backend)
         }
     }

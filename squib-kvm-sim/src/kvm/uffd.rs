@@ -1,0 +1,181 @@
+//! Mode `uffd-wp`: fault-driven tracking through userfaultfd write-protect on the host mapping
+//! of guest RAM (the mechanism QEMU's background snapshot uses).
+//!
+//! This mode exists so that the fault path squib ships on Hypervisor.framework runs on real
+//! hardware in CI: a guest write to a write-protected page blocks the writing thread in the
+//! kernel (KVM resolving the vCPU's fault through the host page tables, or a VMM thread writing
+//! guest memory directly), userfaultfd reports the address, and a handler thread turns it into
+//! the core's [`GuestFault`](squib_snapshot::GuestFault). The core's fault path, the same code
+//! that serves HVF and the soft model, adaptive policy included, then calls
+//! [`grant_write`](Stage2Backend::grant_write), whose `UFFDIO_WRITEPROTECT` un-protect also wakes
+//! the blocked thread.
+//!
+//! The registration is not user-mode-only: KVM touches guest memory from kernel mode through the
+//! host mapping, and those faults must reach the handler too. The descriptor is non-blocking and
+//! polled, so a handler can stop without a wake-up write. Pages must be present before they can
+//! be write-protected (anonymous memory without `UFFD_FEATURE_WP_UNPOPULATED`); the VM builder
+//! populates RAM first.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use squib_arch::{GpaRange, PageGeometry};
+use squib_snapshot::{BackendError, Stage2Backend};
+use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, bitmap::AtomicBitmap};
+
+use super::layout::MemoryLayout;
+
+const PAGE: u64 = 4096;
+
+/// The uffd-wp backend over a VM's RAM.
+#[derive(Debug)]
+pub struct UffdWpBackend {
+    uffd: Uffd,
+    /// Each RAM region and the host address of its first byte.
+    regions: Vec<(GpaRange, usize)>,
+    /// Keeps the registered mappings alive for as long as the descriptor is.
+    _ram: Arc<GuestMemoryMmap<AtomicBitmap>>,
+}
+
+fn os(op: &'static str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Os {
+        op,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl UffdWpBackend {
+    /// Open a userfaultfd and register every RAM region of `layout` in `ram` for write-protect
+    /// faults. Nothing is protected until `write_protect`. Every page of RAM must be present.
+    ///
+    /// # Errors
+    /// [`BackendError::Os`] when userfaultfd is unavailable (no permission: see
+    /// `vm.unprivileged_userfaultfd`), lacks write-protect support, or refuses a region.
+    pub fn new(ram: Arc<GuestMemoryMmap<AtomicBitmap>>, layout: &MemoryLayout) -> Result<Self, BackendError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM writes guest memory from kernel mode: those faults must be reported too.
+            .user_mode_only(false)
+            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP)
+            .create()
+            .map_err(|e| os("opening a write-protect userfaultfd", e))?;
+        let mut regions = Vec::new();
+        for r in layout.ram() {
+            let host = ram
+                .get_host_address(GuestAddress(r.start()))
+                .map_err(|e| os("finding the host mapping of guest RAM", e))?;
+            let len = usize::try_from(r.len()).map_err(|e| os("sizing a RAM region", e))?;
+            uffd.register_with_mode(host.cast(), len, RegisterMode::WRITE_PROTECT)
+                .map_err(|e| os("UFFDIO_REGISTER (write-protect mode)", e))?;
+            regions.push((*r, host as usize));
+        }
+        Ok(Self {
+            uffd,
+            regions,
+            _ram: ram,
+        })
+    }
+
+    fn host(&self, range: GpaRange) -> Result<(*mut libc::c_void, usize), BackendError> {
+        if !range.is_aligned(PAGE) {
+            return Err(BackendError::Misaligned { range, granule: PAGE });
+        }
+        let (r, host) = self
+            .regions
+            .iter()
+            .find(|(r, _)| r.contains_range(&range))
+            .ok_or(BackendError::NotGuestMemory { range })?;
+        let off =
+            usize::try_from(range.start() - r.start()).map_err(|_| BackendError::NotGuestMemory { range })?;
+        let len = usize::try_from(range.len()).map_err(|_| BackendError::NotGuestMemory { range })?;
+        Ok(((host + off) as *mut libc::c_void, len))
+    }
+
+    /// The guest-physical address behind host address `addr`, if it is registered RAM.
+    #[must_use]
+    pub fn gpa_of_host(&self, addr: usize) -> Option<u64> {
+        self.regions.iter().find_map(|(r, host)| {
+            let off = u64::try_from(addr.checked_sub(*host)?).ok()?;
+            (off < r.len()).then(|| r.start() + off)
+        })
+    }
+
+    /// Wait up to `timeout` for write-protect faults and hand each one's guest-physical address
+    /// to `on_fault`, which must resolve it (the tracker's fault path re-grants, which wakes the
+    /// faulting thread). Returns how many faults were handed over. Events that are not RAM
+    /// write-protect faults are woken without tracking, so no thread stays blocked.
+    ///
+    /// # Errors
+    /// [`BackendError::Os`] when polling or reading the descriptor fails.
+    pub fn serve(&self, timeout: Duration, on_fault: &mut dyn FnMut(u64)) -> Result<usize, BackendError> {
+        let mut pfd = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is one valid pollfd on the stack, and nfds is 1.
+        let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(BackendError::Os {
+                op: "polling the userfaultfd",
+                source: e,
+            });
+        }
+        let mut n = 0;
+        while let Some(event) = self
+            .uffd
+            .read_event()
+            .map_err(|e| os("reading a userfaultfd event", e))?
+        {
+            if let Event::Pagefault { kind, addr, .. } = event {
+                let page = (addr as usize) & !4095usize;
+                match (kind, self.gpa_of_host(addr as usize)) {
+                    (FaultKind::WriteProtected, Some(gpa)) => {
+                        on_fault(gpa);
+                        n += 1;
+                    }
+                    _ => {
+                        let _ = self.uffd.wake(page as *mut libc::c_void, 4096);
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Stage2Backend for UffdWpBackend {
+    fn geometry(&self) -> PageGeometry {
+        PageGeometry::X86_64
+    }
+
+    fn write_protect(&self, range: GpaRange) -> Result<(), BackendError> {
+        let (start, len) = self.host(range)?;
+        self.uffd
+            .write_protect(start, len)
+            .map_err(|e| BackendError::Hypervisor {
+                op: "write_protect",
+                range,
+                reason: format!("UFFDIO_WRITEPROTECT: {e}"),
+            })
+    }
+
+    fn grant_write(&self, range: GpaRange) -> Result<(), BackendError> {
+        let (start, len) = self.host(range)?;
+        self.uffd
+            .remove_write_protection(start, len, true)
+            .map_err(|e| BackendError::Hypervisor {
+                op: "grant_write",
+                range,
+                reason: format!("UFFDIO_WRITEPROTECT (un-protect and wake): {e}"),
+            })
+    }
+}
