@@ -2,11 +2,15 @@
 //! keeps its checksum, and carries on across a capture and restore.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use squib_kvm_sim::machine::{
-    Capture, Console, GUEST_KERNEL, Machine, MachineConfig, MachineState, copy_memory,
+    Capture, Console, GUEST_KERNEL, GuestMemory, Machine, MachineConfig, MachineState, copy_memory,
+    new_memory,
 };
 
 /// Generous: CPL0 code is emulated on nested hosts and CI machines are busy.
@@ -206,4 +210,144 @@ fn test_should_continue_guest_counter_and_checksum_after_in_process_restore() {
 #[test]
 fn test_should_continue_guest_on_two_vcpus_after_in_process_restore() {
     capture_and_restore_in_process(2);
+}
+
+// ---- across processes ------------------------------------------------------
+
+const CHILD_ROLE: &str = "SQUIB_GUEST_CHILD_ROLE";
+const CHILD_DIR: &str = "SQUIB_GUEST_CHILD_DIR";
+const CHILD_VCPUS: &str = "SQUIB_GUEST_CHILD_VCPUS";
+
+fn save_memory(memory: &GuestMemory, path: &Path) {
+    let len = usize::try_from(memory.last_addr().0 + 1).expect("memory size");
+    let mut buf = vec![0u8; len];
+    memory
+        .read_slice(&mut buf, GuestAddress(0))
+        .expect("read guest memory");
+    std::fs::write(path, buf).expect("write memory file");
+}
+
+fn load_memory(path: &Path) -> GuestMemory {
+    let buf = std::fs::read(path).expect("read memory file");
+    let memory = new_memory(u64::try_from(buf.len()).expect("size")).expect("map memory");
+    memory
+        .write_slice(&buf, GuestAddress(0))
+        .expect("fill guest memory");
+    memory
+}
+
+/// Write `bytes` so that a reader sees the whole file or none of it.
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename into place");
+}
+
+/// The two halves of the cross-process test, run in child processes of this
+/// test binary: `boot` boots, snapshots while the guest runs and keeps running
+/// until it is killed; `restore` restores the snapshot and runs the guest on.
+#[test]
+#[ignore = "a child process of test_should_restore_running_guest_in_a_new_process_after_kill_9"]
+fn guest_child_process() {
+    let dir = PathBuf::from(std::env::var(CHILD_DIR).expect("child dir"));
+    let vcpus: u8 = std::env::var(CHILD_VCPUS)
+        .expect("child vcpus")
+        .parse()
+        .expect("vcpus");
+    match std::env::var(CHILD_ROLE).expect("child role").as_str() {
+        "boot" => {
+            let (machine, capture) = boot(vcpus);
+            wait_for_counter(&machine, &capture, 2);
+            machine.pause();
+            let state = machine.capture().expect("capture");
+            save_memory(machine.memory(), &dir.join("memory.raw"));
+            std::fs::write(dir.join("console.txt"), capture.text()).expect("write console");
+            // Last: its presence tells the parent the snapshot is complete.
+            write_atomically(&dir.join("state.json"), &state.to_bytes());
+            machine.resume();
+            // Keep the guest running until the parent kills this process.
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                assert_eq!(machine.failure(), None);
+            }
+        }
+        "restore" => {
+            let state = MachineState::from_bytes(&std::fs::read(dir.join("state.json")).expect("read state"))
+                .expect("decode state");
+            let before = std::fs::read_to_string(dir.join("console.txt")).expect("console");
+            let at_pause = parse(&before).last().expect("a line").counter;
+            let after = Capture::default();
+            let console = Console::new().with_sink(Box::new(after.clone()));
+            let restored =
+                Machine::restore(&state, load_memory(&dir.join("memory.raw")), console).expect("restore");
+            after.wait_until(TIMEOUT, |t| {
+                parse(&format!("{before}{t}"))
+                    .last()
+                    .is_some_and(|l| l.counter >= at_pause + 3)
+            });
+            std::fs::write(dir.join("restored-console.txt"), after.text()).expect("write");
+            assert_eq!(restored.failure(), None);
+        }
+        other => panic!("unknown child role {other:?}"),
+    }
+}
+
+fn child(role: &str, dir: &Path, vcpus: u8) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args(["--exact", "guest_child_process", "--ignored", "--test-threads=1"])
+        .env(CHILD_ROLE, role)
+        .env(CHILD_DIR, dir)
+        .env(CHILD_VCPUS, vcpus.to_string());
+    cmd
+}
+
+fn restore_in_new_process(vcpus: u8) {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut booted = child("boot", dir.path(), vcpus)
+        .spawn()
+        .expect("spawn boot child");
+    let deadline = Instant::now() + TIMEOUT;
+    while !dir.path().join("state.json").exists() {
+        if let Some(status) = booted.try_wait().expect("poll boot child") {
+            panic!("boot child ended before its snapshot: {status}");
+        }
+        assert!(Instant::now() < deadline, "no snapshot within {TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest runs on after the snapshot; then the process dies without warning.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        booted.try_wait().expect("poll").is_none(),
+        "boot child still running"
+    );
+    booted.kill().expect("kill -9 the boot child");
+    booted.wait().expect("reap boot child");
+
+    let out = child("restore", dir.path(), vcpus)
+        .output()
+        .expect("run restore child");
+    assert!(
+        out.status.success(),
+        "restore child failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = std::fs::read_to_string(dir.path().join("console.txt")).expect("console");
+    let after = std::fs::read_to_string(dir.path().join("restored-console.txt")).expect("console");
+    let at_pause = parse(&before).last().expect("a line").counter;
+    let all = parse(&format!("{before}{after}"));
+    assert!(
+        all.last().is_some_and(|l| l.counter >= at_pause + 3),
+        "restored guest did not reach COUNTER {}:\n{after}",
+        at_pause + 3
+    );
+    assert_consistent(&all, usize::from(vcpus));
+}
+
+#[test]
+fn test_should_restore_running_guest_in_a_new_process_after_kill_9() {
+    restore_in_new_process(2);
 }
