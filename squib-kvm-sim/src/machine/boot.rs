@@ -28,7 +28,7 @@ pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel image could not be opened.
-    #[error("kernel {path}: {source}")]
+    #[error("kernel {path}: cannot open")]
     OpenKernel {
         /// The image.
         path: PathBuf,
@@ -36,12 +36,12 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// linux-loader refused the image.
-    #[error("kernel {path}: not a loadable 64-bit ELF: {source}")]
+    #[error("kernel {path}: not a loadable 64-bit ELF: {reason}")]
     LoadKernel {
         /// The image.
         path: PathBuf,
         /// What linux-loader said.
-        source: linux_loader::loader::Error,
+        reason: String,
     },
     /// The command line does not fit or has a forbidden byte.
     #[error("kernel command line {cmdline:?}: {reason}")]
@@ -60,7 +60,7 @@ pub enum BootError {
         reason: String,
     },
     /// Writing a boot structure (GDT, page tables) failed.
-    #[error("writing the boot {what} at {addr:#x}: {source}")]
+    #[error("writing the boot {what} at {addr:#x}")]
     Write {
         /// Which structure.
         what: &'static str,
@@ -80,13 +80,12 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<u64, BootError> {
         path: path.to_owned(),
         source,
     })?;
-    let loaded =
-        Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM_START))).map_err(|source| {
-            BootError::LoadKernel {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
+    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM_START))).map_err(|e| {
+        BootError::LoadKernel {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
     Ok(loaded.kernel_load.0)
 }
 

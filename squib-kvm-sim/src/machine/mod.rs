@@ -59,7 +59,7 @@ pub enum MachineError {
     #[error("invalid machine configuration: {0}")]
     InvalidConfig(String),
     /// A KVM ioctl failed.
-    #[error("KVM {op} failed: {source}")]
+    #[error("KVM {op} failed")]
     Kvm {
         /// The operation.
         op: &'static str,
@@ -92,7 +92,7 @@ pub enum MachineError {
     #[error("machine state does not match: {0}")]
     StateMismatch(String),
     /// A vCPU thread could not be started.
-    #[error("starting vCPU thread {index}: {source}")]
+    #[error("starting vCPU thread {index}")]
     Thread {
         /// vCPU index.
         index: usize,
