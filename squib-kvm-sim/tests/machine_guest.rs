@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use squib_kvm_sim::machine::guest::{CounterLine, check, parse};
 use squib_kvm_sim::machine::{
     Capture, Console, GUEST_KERNEL, GuestMemory, Machine, MachineConfig, MachineState, copy_memory,
     new_memory,
@@ -32,60 +33,6 @@ fn kvm_available() -> bool {
     ok
 }
 
-/// One `COUNTER` line, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Line {
-    counter: u64,
-    cpus: Vec<CpuLine>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct CpuLine {
-    ck: u64,
-    ok: u64,
-    bad: u64,
-    back: u64,
-}
-
-/// Complete lines only: the last one may still be being printed.
-fn parse(text: &str) -> Vec<Line> {
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("COUNTER "))
-        .filter_map(|rest| {
-            let mut words = rest.split(' ');
-            let counter = words.next()?.parse().ok()?;
-            let mut cpus: Vec<CpuLine> = Vec::new();
-            for w in words {
-                let (key, value) = w.split_once('=')?;
-                let (name, cpu) = key.split_at(key.len() - 1);
-                let cpu: usize = cpu.parse().ok()?;
-                if cpus.len() <= cpu {
-                    cpus.resize(
-                        cpu + 1,
-                        CpuLine {
-                            ck: 0,
-                            ok: 0,
-                            bad: 0,
-                            back: 0,
-                        },
-                    );
-                }
-                let c = &mut cpus[cpu];
-                match name {
-                    "ck" => c.ck = u64::from_str_radix(value, 16).ok()?,
-                    "ok" => c.ok = value.parse().ok()?,
-                    "bad" => c.bad = value.parse().ok()?,
-                    "back" => c.back = value.parse().ok()?,
-                    _ => return None,
-                }
-            }
-            Some(Line { counter, cpus })
-        })
-        .collect()
-}
-
 fn boot(vcpus: u8) -> (Machine, Capture) {
     let capture = Capture::default();
     let console = Console::new().with_sink(Box::new(capture.clone()));
@@ -98,7 +45,7 @@ fn boot(vcpus: u8) -> (Machine, Capture) {
     (machine, capture)
 }
 
-fn wait_for_counter(machine: &Machine, capture: &Capture, n: u64) -> Vec<Line> {
+fn wait_for_counter(machine: &Machine, capture: &Capture, n: u64) -> Vec<CounterLine> {
     let reached = capture.wait_until(TIMEOUT, |t| {
         parse(t).last().is_some_and(|l| l.counter >= n) || t.contains("EXCEPTION")
     });
@@ -111,30 +58,9 @@ fn wait_for_counter(machine: &Machine, capture: &Capture, n: u64) -> Vec<Line> {
     parse(&text)
 }
 
-/// Counter goes up by one per line, the guest's re-checks all agree, time never
-/// went backwards, and every CPU made progress.
-fn assert_consistent(lines: &[Line], vcpus: usize) {
-    for w in lines.windows(2) {
-        assert_eq!(w[1].counter, w[0].counter + 1, "counter skipped: {w:?}");
-    }
-    for l in lines {
-        assert_eq!(l.cpus.len(), vcpus, "every CPU reports: {l:?}");
-        for c in &l.cpus {
-            assert_eq!(c.bad, 0, "checksum re-check failed: {l:?}");
-            assert_eq!(c.back, 0, "TSC went backwards: {l:?}");
-        }
-    }
-    for w in lines.windows(2) {
-        for (a, b) in w[0].cpus.iter().zip(&w[1].cpus) {
-            assert!(b.ok >= a.ok, "re-check count went back: {w:?}");
-        }
-    }
-    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
-    for cpu in 0..vcpus {
-        assert!(
-            last.cpus[cpu].ok > first.cpus[cpu].ok,
-            "CPU {cpu} did no work between {first:?} and {last:?}"
-        );
+fn assert_consistent(lines: &[CounterLine], vcpus: usize) {
+    if let Err(e) = check(lines, vcpus) {
+        panic!("{e}");
     }
 }
 
@@ -183,7 +109,7 @@ fn capture_and_restore_in_process(vcpus: u8) {
     let state = MachineState::from_bytes(&state.to_bytes()).expect("decode state");
     let after = Capture::default();
     let console = Console::new().with_sink(Box::new(after.clone()));
-    let restored = Machine::restore(&state, memory, console).expect("restore");
+    let restored = Machine::restore(&state, memory, console, false).expect("restore");
     // The restored guest's output continues the stream where it stopped.
     let continued = after.wait_until(TIMEOUT, |t| {
         parse(&format!("{before}{t}"))
@@ -210,6 +136,42 @@ fn test_should_continue_guest_counter_and_checksum_after_in_process_restore() {
 #[test]
 fn test_should_continue_guest_on_two_vcpus_after_in_process_restore() {
     capture_and_restore_in_process(2);
+}
+
+#[test]
+fn test_should_not_run_a_guest_restored_paused_until_resumed() {
+    if !kvm_available() {
+        return;
+    }
+    let (machine, capture) = boot(1);
+    wait_for_counter(&machine, &capture, 1);
+    machine.pause();
+    let state = machine.capture().expect("capture");
+    let memory = copy_memory(machine.memory()).expect("copy memory");
+    let before = capture.text();
+    let at_pause = parse(&before).last().expect("a line").counter;
+    drop(machine);
+
+    let after = Capture::default();
+    let console = Console::new().with_sink(Box::new(after.clone()));
+    let restored = Machine::restore(&state, memory, console, true).expect("restore");
+    assert!(restored.is_paused());
+    // Three timer periods: a running guest would have printed.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(after.text(), "", "a paused restore ran the guest");
+    restored.resume();
+    // KVM's PIT ran on host time while the vCPUs were parked and, by its default
+    // reinject policy, delivers the ~30 ticks it missed back to back on resume:
+    // about 3 lines at once. Wait for lines the guest worked between.
+    assert!(after.wait_until(TIMEOUT, |t| {
+        parse(&format!("{before}{t}"))
+            .last()
+            .is_some_and(|l| l.counter >= at_pause + 6)
+    }));
+    let all = format!("{before}{}", after.text());
+    if let Err(e) = check(&parse(&all), 1) {
+        panic!("{e}\nconsole:\n{all}");
+    }
 }
 
 // ---- across processes ------------------------------------------------------
@@ -278,8 +240,8 @@ fn guest_child_process() {
             let at_pause = parse(&before).last().expect("a line").counter;
             let after = Capture::default();
             let console = Console::new().with_sink(Box::new(after.clone()));
-            let restored =
-                Machine::restore(&state, load_memory(&dir.join("memory.raw")), console).expect("restore");
+            let restored = Machine::restore(&state, load_memory(&dir.join("memory.raw")), console, false)
+                .expect("restore");
             after.wait_until(TIMEOUT, |t| {
                 parse(&format!("{before}{t}"))
                     .last()

@@ -18,6 +18,7 @@
 pub mod boot;
 pub mod console;
 pub mod cpuid;
+pub mod guest;
 pub mod layout;
 pub mod serial;
 pub mod state;
@@ -117,7 +118,11 @@ pub struct MachineConfig {
 }
 
 impl MachineConfig {
-    fn validate(&self) -> Result<(), MachineError> {
+    /// Check the configuration before anything is allocated.
+    ///
+    /// # Errors
+    /// [`MachineError::InvalidConfig`] naming the value and the allowed range.
+    pub fn validate(&self) -> Result<(), MachineError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(MachineError::InvalidConfig(format!(
                 "{} vCPUs: this machine runs 1 to {MAX_VCPUS}",
@@ -247,11 +252,13 @@ impl Machine {
             }
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
-        Self::start(kvm, vm, memory, vcpus, devices)
+        Self::start(kvm, vm, memory, vcpus, devices, Want::Run)
     }
 
     /// Build a new machine from `state` and `memory` (guest RAM as it was at the
-    /// capture) and let it run on from where the captured one stopped.
+    /// capture). It runs on from where the captured one stopped, or, with
+    /// `paused`, waits for [`Machine::resume`] without running a single guest
+    /// instruction.
     ///
     /// # Errors
     /// [`MachineError::StateMismatch`] if `memory` is not the size the state
@@ -260,6 +267,7 @@ impl Machine {
         state: &MachineState,
         memory: GuestMemory,
         console: Console,
+        paused: bool,
     ) -> Result<Self, MachineError> {
         let size = memory.last_addr().raw_value() + 1;
         if size != state.mem_size || memory.num_regions() != 1 {
@@ -297,7 +305,13 @@ impl Machine {
             restore_vcpu(&fd, vs)?;
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
-        Self::start(kvm, vm, memory, vcpus, devices)
+        let want = if paused { Want::Pause } else { Want::Run };
+        let machine = Self::start(kvm, vm, memory, vcpus, devices, want)?;
+        if paused {
+            // Wait until every thread has parked, so that `is_paused` holds on return.
+            machine.pause();
+        }
+        Ok(machine)
     }
 
     fn start(
@@ -306,8 +320,9 @@ impl Machine {
         memory: GuestMemory,
         vcpus: Vec<Arc<Mutex<VcpuFd>>>,
         devices: Arc<Devices>,
+        want: Want,
     ) -> Result<Self, MachineError> {
-        let control = Arc::new(Control::new(Want::Run));
+        let control = Arc::new(Control::new(want));
         let mut machine = Self {
             handles: Vec::new(),
             control,
@@ -352,6 +367,12 @@ impl Machine {
     #[must_use]
     pub fn has_stopped(&self) -> bool {
         self.control.exited() >= self.handles.len()
+    }
+
+    /// Whether the vCPUs are parked by [`Machine::pause`] (or a paused restore).
+    #[must_use]
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused(self.handles.len())
     }
 
     /// Stop the vCPUs at a point where their state is complete; returns once all are parked.
