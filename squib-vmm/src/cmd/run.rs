@@ -76,8 +76,8 @@ pub struct RunArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Also append the guest's serial console (COM1) to this file (`--kernel`).
-    #[arg(long, requires = "kernel")]
+    /// Also append the guest's serial console (COM1) to this file (`--kernel`, `--api-sock`).
+    #[arg(long)]
     pub serial_file: Option<PathBuf>,
 }
 
@@ -125,7 +125,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// # Errors
 /// Whatever the backend's runner reports.
 pub fn run(args: RunArgs) -> CmdResult {
-    if args.kernel.is_some() {
+    if args.kernel.is_some() || args.api_sock.is_some() {
         return super::run_kernel::run(args);
     }
     match args.backend {
