@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use squib_arch::GpaRange;
+use squib_kvm_sim::machine::files::{self, SnapshotPaths, SnapshotType};
 use squib_kvm_sim::machine::guest::{CounterLine, check, parse};
 use squib_kvm_sim::machine::{
-    Capture, Console, GUEST_KERNEL, GuestMemory, Machine, MachineConfig, MachineState, copy_memory,
-    new_memory,
+    Capture, Console, GUEST_KERNEL, GuestMemory, Machine, MachineConfig, MachineState, RestoreOptions,
+    copy_memory, new_memory,
 };
 
 /// Generous: CPL0 code is emulated on nested hosts and CI machines are busy.
@@ -40,6 +42,7 @@ fn boot(vcpus: u8) -> (Machine, Capture) {
         mem_size: 64 << 20,
         vcpus,
         cmdline: "console=ttyS0 squib.test=1".to_owned(),
+        track_dirty_pages: true,
     };
     let machine = Machine::boot(&config, Path::new(GUEST_KERNEL), console).expect("boot");
     (machine, capture)
@@ -109,7 +112,7 @@ fn capture_and_restore_in_process(vcpus: u8) {
     let state = MachineState::from_bytes(&state.to_bytes()).expect("decode state");
     let after = Capture::default();
     let console = Console::new().with_sink(Box::new(after.clone()));
-    let restored = Machine::restore(&state, memory, console, false).expect("restore");
+    let restored = Machine::restore(&state, memory, console, RestoreOptions::default()).expect("restore");
     // The restored guest's output continues the stream where it stopped.
     let continued = after.wait_until(TIMEOUT, |t| {
         parse(&format!("{before}{t}"))
@@ -154,7 +157,16 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
 
     let after = Capture::default();
     let console = Console::new().with_sink(Box::new(after.clone()));
-    let restored = Machine::restore(&state, memory, console, true).expect("restore");
+    let restored = Machine::restore(
+        &state,
+        memory,
+        console,
+        RestoreOptions {
+            paused: true,
+            ..RestoreOptions::default()
+        },
+    )
+    .expect("restore");
     assert!(restored.is_paused());
     // Three timer periods: a running guest would have printed.
     std::thread::sleep(Duration::from_millis(300));
@@ -172,6 +184,136 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
     if let Err(e) = check(&parse(&all), 1) {
         panic!("{e}\nconsole:\n{all}");
     }
+}
+
+// ---- full and diff snapshot files ------------------------------------------
+
+fn paths(dir: &Path, name: &str) -> SnapshotPaths {
+    SnapshotPaths {
+        state: dir.join(format!("{name}.state")),
+        mem: dir.join(format!("{name}.mem")),
+    }
+}
+
+fn save(machine: &Machine, kind: SnapshotType, p: &SnapshotPaths) {
+    files::save(machine, kind, &p.state, &p.mem).expect("save snapshot");
+}
+
+#[test]
+fn test_should_restore_guest_from_merge_of_full_base_and_three_diffs() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (machine, capture) = boot(2);
+    wait_for_counter(&machine, &capture, 1);
+    machine.pause();
+    let base = paths(dir.path(), "base");
+    save(&machine, SnapshotType::Full, &base);
+    machine.resume();
+    let mut diffs = Vec::new();
+    for i in 0..3 {
+        // The guest writes all over its work regions between two diffs.
+        let n = parse(&capture.text()).last().expect("a line").counter;
+        wait_for_counter(&machine, &capture, n + 2);
+        machine.pause();
+        let d = paths(dir.path(), &format!("diff{i}"));
+        save(&machine, SnapshotType::Diff, &d);
+        let held: u64 = files::read_state(&d.state)
+            .expect("diff state")
+            .extents
+            .iter()
+            .map(|e| e.len())
+            .sum();
+        assert!(
+            held > 0 && held < 64 << 20,
+            "diff {i} holds {held} bytes: neither empty nor all of RAM"
+        );
+        diffs.push(d);
+        if i < 2 {
+            machine.resume();
+        }
+    }
+    let before = capture.text();
+    let at_pause = parse(&before).last().expect("a line").counter;
+    drop(machine);
+
+    // A diff alone is not loadable; the merge of the chain is.
+    let err = files::load(&diffs[2].state, &diffs[2].mem)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("diff2.state") && err.contains("merge"), "{err}");
+    let merged = paths(dir.path(), "merged");
+    files::merge(&base, &diffs, &merged).expect("merge");
+    let (state, memory) = files::load(&merged.state, &merged.mem).expect("load merged");
+    let after = Capture::default();
+    let console = Console::new().with_sink(Box::new(after.clone()));
+    let restored = Machine::restore(&state, memory, console, RestoreOptions::default()).expect("restore");
+    assert!(after.wait_until(TIMEOUT, |t| {
+        parse(&format!("{before}{t}"))
+            .last()
+            .is_some_and(|l| l.counter >= at_pause + 3)
+    }));
+    let all = format!("{before}{}", after.text());
+    if let Err(e) = check(&parse(&all), 2) {
+        panic!("{e}\nconsole:\n{all}");
+    }
+    assert_eq!(restored.failure(), None);
+}
+
+#[test]
+fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (machine, capture) = boot(1);
+    wait_for_counter(&machine, &capture, 1);
+    machine.pause();
+    save(&machine, SnapshotType::Full, &paths(dir.path(), "base"));
+    machine.resume();
+    wait_for_counter(&machine, &capture, 2);
+    machine.pause();
+    let nowhere = paths(&dir.path().join("missing"), "diff");
+    let err = files::save(&machine, SnapshotType::Diff, &nowhere.state, &nowhere.mem)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    // The guest has not run since: every page in this diff comes from the failed one.
+    let retry = paths(dir.path(), "retry");
+    save(&machine, SnapshotType::Diff, &retry);
+    let extents = files::read_state(&retry.state).expect("state").extents;
+    let work_region = GpaRange::new(0x40_0000, 1 << 20).expect("range");
+    assert!(
+        extents.iter().any(|e| e.intersect(&work_region).is_some()),
+        "the retried diff lost the guest's writes: {extents:?}"
+    );
+}
+
+#[test]
+fn test_should_refuse_state_file_with_extent_beyond_guest_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (machine, capture) = boot(1);
+    wait_for_counter(&machine, &capture, 1);
+    machine.pause();
+    let base = paths(dir.path(), "base");
+    save(&machine, SnapshotType::Full, &base);
+    let bytes = std::fs::read(&base.state).expect("read");
+    let text = String::from_utf8_lossy(&bytes[8..]).into_owned();
+    let evil = text.replacen(
+        &format!("\"len\":{}", 64u64 << 20),
+        &format!("\"len\":{}", 128u64 << 20),
+        1,
+    );
+    assert_ne!(evil, text, "the extent was rewritten");
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(evil.as_bytes());
+    std::fs::write(&base.state, out).expect("write");
+    let err = files::load(&base.state, &base.mem).unwrap_err().to_string();
+    assert!(err.contains("base.state") && err.contains("beyond"), "{err}");
 }
 
 // ---- across processes ------------------------------------------------------
@@ -240,8 +382,13 @@ fn guest_child_process() {
             let at_pause = parse(&before).last().expect("a line").counter;
             let after = Capture::default();
             let console = Console::new().with_sink(Box::new(after.clone()));
-            let restored = Machine::restore(&state, load_memory(&dir.join("memory.raw")), console, false)
-                .expect("restore");
+            let restored = Machine::restore(
+                &state,
+                load_memory(&dir.join("memory.raw")),
+                console,
+                RestoreOptions::default(),
+            )
+            .expect("restore");
             after.wait_until(TIMEOUT, |t| {
                 parse(&format!("{before}{t}"))
                     .last()

@@ -18,6 +18,7 @@
 pub mod boot;
 pub mod console;
 pub mod cpuid;
+pub mod files;
 pub mod guest;
 pub mod layout;
 pub mod serial;
@@ -30,11 +31,12 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
-    kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip,
+    kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
+use squib_arch::GpaRange;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vm_superio::Serial;
 use vm_superio::serial::NoEvents;
@@ -42,6 +44,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use boot::GuestMemory;
 pub use console::{Capture, Console};
+pub use files::{SnapshotPaths, SnapshotType};
 pub use state::{MachineState, VcpuState};
 
 use serial::IrqTrigger;
@@ -115,6 +118,19 @@ pub struct MachineConfig {
     pub vcpus: u8,
     /// Kernel command line.
     pub cmdline: String,
+    /// Log guest writes (KVM's dirty log) so that [`Machine::take_dirty`] can
+    /// say which pages changed: what a diff snapshot needs.
+    pub track_dirty_pages: bool,
+}
+
+/// How [`Machine::restore`] brings the machine up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Park the vCPUs before they run a single guest instruction; [`Machine::resume`] starts them.
+    pub paused: bool,
+    /// As [`MachineConfig::track_dirty_pages`]; the log starts empty, so the first
+    /// diff holds what changed since the restored snapshot.
+    pub track_dirty_pages: bool,
 }
 
 impl MachineConfig {
@@ -198,6 +214,7 @@ pub struct Machine {
     vm: VmFd,
     kvm: Kvm,
     memory: GuestMemory,
+    track_dirty_pages: bool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -221,7 +238,7 @@ impl Machine {
         boot::write_boot_params(&memory, &config.cmdline, config.mem_size)?;
         boot::write_tables(&memory)?;
 
-        let (kvm, vm) = create_vm(&memory)?;
+        let (kvm, vm) = create_vm(&memory, config.track_dirty_pages)?;
         let devices = Arc::new(Devices {
             com1: Mutex::new(Serial::new(irq_trigger(&vm)?, console)),
         });
@@ -252,7 +269,15 @@ impl Machine {
             }
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
-        Self::start(kvm, vm, memory, vcpus, devices, Want::Run)
+        Self::start(
+            kvm,
+            vm,
+            memory,
+            vcpus,
+            devices,
+            Want::Run,
+            config.track_dirty_pages,
+        )
     }
 
     /// Build a new machine from `state` and `memory` (guest RAM as it was at the
@@ -267,8 +292,9 @@ impl Machine {
         state: &MachineState,
         memory: GuestMemory,
         console: Console,
-        paused: bool,
+        options: RestoreOptions,
     ) -> Result<Self, MachineError> {
+        let paused = options.paused;
         let size = memory.last_addr().raw_value() + 1;
         if size != state.mem_size || memory.num_regions() != 1 {
             return Err(MachineError::StateMismatch(format!(
@@ -283,7 +309,11 @@ impl Machine {
                 "state has {n} vCPUs, this machine runs 1 to {MAX_VCPUS}"
             )));
         }
-        let (kvm, vm) = create_vm(&memory)?;
+        // The memory is the snapshot's: nothing in it is dirty relative to it.
+        for region in memory.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        let (kvm, vm) = create_vm(&memory, options.track_dirty_pages)?;
         // VM-wide devices first: the vCPUs' LAPICs and events refer to them.
         vm.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         let mut clock = state.clock;
@@ -306,7 +336,7 @@ impl Machine {
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         let want = if paused { Want::Pause } else { Want::Run };
-        let machine = Self::start(kvm, vm, memory, vcpus, devices, want)?;
+        let machine = Self::start(kvm, vm, memory, vcpus, devices, want, options.track_dirty_pages)?;
         if paused {
             // Wait until every thread has parked, so that `is_paused` holds on return.
             machine.pause();
@@ -321,6 +351,7 @@ impl Machine {
         vcpus: Vec<Arc<Mutex<VcpuFd>>>,
         devices: Arc<Devices>,
         want: Want,
+        track_dirty_pages: bool,
     ) -> Result<Self, MachineError> {
         let control = Arc::new(Control::new(want));
         let mut machine = Self {
@@ -331,6 +362,7 @@ impl Machine {
             vm,
             kvm,
             memory,
+            track_dirty_pages,
         };
         for (index, fd) in machine.vcpus.iter().enumerate() {
             let handle = vcpu::spawn(
@@ -369,6 +401,12 @@ impl Machine {
         self.control.exited() >= self.handles.len()
     }
 
+    /// Whether the machine logs guest writes ([`MachineConfig::track_dirty_pages`]).
+    #[must_use]
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages
+    }
+
     /// Whether the vCPUs are parked by [`Machine::pause`] (or a paused restore).
     #[must_use]
     pub fn is_paused(&self) -> bool {
@@ -383,6 +421,77 @@ impl Machine {
     /// Let paused vCPUs run on.
     pub fn resume(&self) {
         vcpu::resume_all(&self.control);
+    }
+
+    /// The guest pages written since the last call (or since boot or restore),
+    /// as sorted, coalesced 4 KiB-aligned ranges: KVM's dirty log for vCPU
+    /// writes, OR-ed with vm-memory's bitmap for writes squib made itself. Both
+    /// are cleared, so the next call starts from here; call it while paused for
+    /// a diff that matches the captured state exactly.
+    ///
+    /// # Errors
+    /// [`MachineError::InvalidConfig`] if the machine was built without
+    /// `track_dirty_pages`; the KVM call if it fails.
+    pub fn take_dirty(&self) -> Result<Vec<GpaRange>, MachineError> {
+        const PAGE: u64 = 4096;
+        if !self.track_dirty_pages {
+            return Err(MachineError::InvalidConfig(
+                "dirty pages asked of a machine built without track_dirty_pages".to_owned(),
+            ));
+        }
+        let mut ranges: Vec<GpaRange> = Vec::new();
+        for (slot, region) in (0u32..).zip(self.memory.iter()) {
+            let len = usize::try_from(region.len()).map_err(|e| MachineError::Memory {
+                size: region.len(),
+                reason: e.to_string(),
+            })?;
+            let kvm_words = self
+                .vm
+                .get_dirty_log(slot, len)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let vmm_words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let base = region.start_addr().raw_value();
+            let pages = region.len() / PAGE;
+            let mut run: Option<(u64, u64)> = None;
+            for page in 0..pages {
+                let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
+                let bit = 1u64 << (page % 64);
+                let dirty = kvm_words.get(word).is_some_and(|w| w & bit != 0)
+                    || vmm_words.get(word).is_some_and(|w| w & bit != 0);
+                run = match (run, dirty) {
+                    (Some((s, n)), true) => Some((s, n + 1)),
+                    (None, true) => Some((page, 1)),
+                    (Some((s, n)), false) => {
+                        ranges.push(page_range(base, s, n)?);
+                        None
+                    }
+                    (None, false) => None,
+                };
+            }
+            if let Some((s, n)) = run {
+                ranges.push(page_range(base, s, n)?);
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Put `ranges` back into the dirty set (vm-memory's bitmap), so that the
+    /// next [`Machine::take_dirty`] returns them again: what a diff that failed
+    /// to be written does with the pages it had taken.
+    pub fn mark_dirty(&self, ranges: &[GpaRange]) {
+        for r in ranges {
+            for region in self.memory.iter() {
+                let start = region.start_addr().raw_value();
+                let end = start + region.len();
+                let (a, b) = (r.start().max(start), r.end().min(end));
+                if a < b {
+                    let (Ok(off), Ok(len)) = (usize::try_from(a - start), usize::try_from(b - a)) else {
+                        continue;
+                    };
+                    std::ops::Deref::deref(region).bitmap().set_addr_range(off, len);
+                }
+            }
+        }
     }
 
     /// Capture the complete machine state (memory excepted). The machine must be paused.
@@ -433,8 +542,13 @@ impl Drop for Machine {
     }
 }
 
+fn page_range(base: u64, first: u64, pages: u64) -> Result<GpaRange, MachineError> {
+    GpaRange::new(base + first * 4096, pages * 4096)
+        .map_err(|e| MachineError::StateMismatch(format!("dirty range: {e}")))
+}
+
 /// Open KVM, create the VM with its in-kernel irqchip and PIT, and map `memory`.
-fn create_vm(memory: &GuestMemory) -> Result<(Kvm, VmFd), MachineError> {
+fn create_vm(memory: &GuestMemory, log_dirty: bool) -> Result<(Kvm, VmFd), MachineError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX))
@@ -454,7 +568,7 @@ fn create_vm(memory: &GuestMemory) -> Result<(Kvm, VmFd), MachineError> {
             })?;
         let mr = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,

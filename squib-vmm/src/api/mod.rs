@@ -8,7 +8,6 @@
 //! Firecracker, so a client never sees a half-applied change.
 
 pub mod http;
-pub mod snapshot_files;
 pub mod vmm;
 
 use std::io::{BufReader, ErrorKind};

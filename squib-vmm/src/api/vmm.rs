@@ -10,10 +10,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use squib_kvm_sim::machine::{Console, Machine, MachineConfig};
+use squib_kvm_sim::machine::files::{self, SnapshotType};
+use squib_kvm_sim::machine::{Console, Machine, MachineConfig, RestoreOptions};
 
 use super::http::{Request, Response};
-use super::snapshot_files;
 
 /// Makes the console for each guest this process starts (terminal, file...).
 pub type ConsoleFactory = Box<dyn Fn() -> std::io::Result<Console> + Send>;
@@ -92,7 +92,6 @@ struct SnapshotLoadBody {
 /// The guest this process serves, from configuration to running.
 pub struct Vmm {
     config: MachineConfig,
-    track_dirty_pages: bool,
     kernel: Option<PathBuf>,
     machine: Option<Machine>,
     console: ConsoleFactory,
@@ -128,8 +127,8 @@ impl Vmm {
                 mem_size: 128 << 20,
                 vcpus: 1,
                 cmdline: String::new(),
+                track_dirty_pages: false,
             },
-            track_dirty_pages: false,
             kernel: None,
             machine: None,
             console,
@@ -213,7 +212,7 @@ impl Vmm {
                     "vcpu_count": self.config.vcpus,
                     "mem_size_mib": self.config.mem_size >> 20,
                     "smt": false,
-                    "track_dirty_pages": self.track_dirty_pages,
+                    "track_dirty_pages": self.config.track_dirty_pages,
                 })
                 .to_string(),
             )),
@@ -258,10 +257,10 @@ impl Vmm {
             mem_size,
             vcpus: b.vcpu_count,
             cmdline: self.config.cmdline.clone(),
+            track_dirty_pages: b.track_dirty_pages,
         };
         config.validate().map_err(|e| bad(e.to_string()))?;
         self.config = config;
-        self.track_dirty_pages = b.track_dirty_pages;
         Ok(Response::no_content())
     }
 
@@ -308,26 +307,28 @@ impl Vmm {
         let b: SnapshotCreateBody = body(req)?;
         let _ = b.version; // Firecracker's deprecated field: accepted, unused.
         let machine = self.running("PUT /snapshot/create")?;
-        match b.snapshot_type.as_deref().unwrap_or("Full") {
-            "Full" => {}
+        let kind = match b.snapshot_type.as_deref().unwrap_or("Full") {
+            "Full" => SnapshotType::Full,
+            "Diff" if machine.tracks_dirty_pages() => SnapshotType::Diff,
             "Diff" => {
                 return Err(bad(
-                    "snapshot_type Diff: not supported by squib's KVM machine yet",
+                    "snapshot_type Diff: needs track_dirty_pages (PUT /machine-config) \
+                     or enable_diff_snapshots (PUT /snapshot/load)",
                 ));
             }
             other => return Err(bad(format!("snapshot_type {other:?}: expected Full or Diff"))),
-        }
+        };
         if !machine.is_paused() {
             return Err(bad("PUT /snapshot/create: the guest must be paused (PATCH /vm)"));
         }
-        snapshot_files::save(machine, &b.snapshot_path, &b.mem_file_path).map_err(|e| bad(e.to_string()))?;
+        files::save(machine, kind, &b.snapshot_path, &b.mem_file_path).map_err(|e| bad(e.to_string()))?;
         Ok(Response::no_content())
     }
 
     fn snapshot_load(&mut self, req: &Request) -> Reply {
         self.not_started("PUT /snapshot/load")?;
         let b: SnapshotLoadBody = body(req)?;
-        let _ = (b.enable_diff_snapshots, b.track_dirty_pages);
+        let track_dirty_pages = b.enable_diff_snapshots || b.track_dirty_pages;
         let mem_path: &Path = match (&b.mem_file_path, &b.mem_backend) {
             (Some(p), None) => p,
             (None, Some(m)) if m.backend_type == "File" => &m.backend_path,
@@ -339,14 +340,22 @@ impl Vmm {
             }
             _ => return Err(bad("give exactly one of mem_file_path and mem_backend")),
         };
-        let (state, memory) =
-            snapshot_files::load(&b.snapshot_path, mem_path).map_err(|e| bad(e.to_string()))?;
+        let (state, memory) = files::load(&b.snapshot_path, mem_path).map_err(|e| bad(e.to_string()))?;
         let console = (self.console)().map_err(|e| bad(format!("opening the console: {e}")))?;
         let vcpus = u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX);
-        let machine = Machine::restore(&state, memory, console, !b.resume_vm)
-            .map_err(|e| bad(format!("loading {}: {e}", b.snapshot_path.display())))?;
+        let machine = Machine::restore(
+            &state,
+            memory,
+            console,
+            RestoreOptions {
+                paused: !b.resume_vm,
+                track_dirty_pages,
+            },
+        )
+        .map_err(|e| bad(format!("loading {}: {e}", b.snapshot_path.display())))?;
         self.config.vcpus = vcpus;
         self.config.mem_size = state.mem_size;
+        self.config.track_dirty_pages = track_dirty_pages;
         self.machine = Some(machine);
         Ok(Response::no_content())
     }

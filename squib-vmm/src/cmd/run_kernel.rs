@@ -72,6 +72,7 @@ mod imp {
             mem_size: args.mem,
             vcpus,
             cmdline: args.cmdline.clone().unwrap_or_default(),
+            track_dirty_pages: false,
         };
         if let Some(sock) = &args.api_sock {
             let mut vmm = Vmm::new(Box::new(console));
