@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use squib_kvm_sim::machine::GUEST_KERNEL;
+use squib_kvm_sim::machine::files::{self, SnapshotPaths};
 use squib_kvm_sim::machine::guest::{check, parse};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,14 +128,23 @@ impl Drop for Squib {
     }
 }
 
+fn create_body(kind: &str, p: &SnapshotPaths) -> String {
+    serde_json::json!({
+        "snapshot_type": kind, "snapshot_path": p.state, "mem_file_path": p.mem,
+    })
+    .to_string()
+}
+
 #[test]
-fn test_should_snapshot_guest_over_api_and_load_it_in_a_new_process_after_kill_9() {
+fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
     if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("vm.state");
-    let mem = dir.path().join("vm.mem");
+    let snap = |name: &str| SnapshotPaths {
+        state: dir.path().join(format!("{name}.state")),
+        mem: dir.path().join(format!("{name}.mem")),
+    };
 
     let a = Squib::spawn(dir.path(), "a");
     let (code, info) = a.call("GET", "/", "");
@@ -143,7 +153,7 @@ fn test_should_snapshot_guest_over_api_and_load_it_in_a_new_process_after_kill_9
     a.ok(
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count": 2, "mem_size_mib": 64, "smt": false}"#,
+        r#"{"vcpu_count": 2, "mem_size_mib": 64, "smt": false, "track_dirty_pages": true}"#,
     );
     a.ok(
         "PUT",
@@ -151,7 +161,7 @@ fn test_should_snapshot_guest_over_api_and_load_it_in_a_new_process_after_kill_9
         &serde_json::json!({"kernel_image_path": GUEST_KERNEL, "boot_args": "console=ttyS0"}).to_string(),
     );
     a.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= 2));
+    a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= 1));
 
     // Configuration is closed once the guest runs; a snapshot needs a pause.
     let (code, fault) = a.call(
@@ -160,30 +170,41 @@ fn test_should_snapshot_guest_over_api_and_load_it_in_a_new_process_after_kill_9
         r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
     );
     assert_eq!(code, 400, "{fault}");
-    let create = serde_json::json!({
-        "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem,
-    })
-    .to_string();
-    let (code, fault) = a.call("PUT", "/snapshot/create", &create);
+    let base = snap("base");
+    let (code, fault) = a.call("PUT", "/snapshot/create", &create_body("Full", &base));
     assert_eq!(code, 400);
     assert!(fault.contains("paused"), "{fault}");
 
     a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let before = a.console();
-    a.ok("PUT", "/snapshot/create", &create);
+    a.ok("PUT", "/snapshot/create", &create_body("Full", &base));
     a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // Three diffs of the running guest, a few timer periods apart.
+    let mut diffs = Vec::new();
+    let mut before = String::new();
+    for i in 0..3 {
+        let n = parse(&a.console()).last().map_or(0, |l| l.counter);
+        a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= n + 2));
+        a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        let d = snap(&format!("diff{i}"));
+        a.ok("PUT", "/snapshot/create", &create_body("Diff", &d));
+        before = a.console();
+        a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        diffs.push(d);
+    }
     let at_pause = parse(&before).last().expect("a line").counter;
-    // The guest runs on after the snapshot, then its process dies without warning.
+    // The guest runs on after the last diff, then its process dies without warning.
     a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter > at_pause + 1));
     drop(a);
 
+    let merged = snap("merged");
+    files::merge(&base, &diffs, &merged).expect("merge the chain");
     let b = Squib::spawn(dir.path(), "b");
     b.ok(
         "PUT",
         "/snapshot/load",
         &serde_json::json!({
-            "snapshot_path": state,
-            "mem_backend": {"backend_path": mem, "backend_type": "File"},
+            "snapshot_path": merged.state,
+            "mem_backend": {"backend_path": merged.mem, "backend_type": "File"},
             "resume_vm": true,
         })
         .to_string(),
