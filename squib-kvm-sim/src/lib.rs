@@ -3,6 +3,8 @@
 
 #[cfg(target_os = "linux")]
 pub mod kvm;
+#[cfg(target_os = "linux")]
+pub mod machine;
 pub mod soft;
 pub mod trace;
 pub mod workload;

@@ -5,6 +5,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod api;
 mod cmd;
 
 use clap::{Parser, Subcommand};

@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also append the guest's serial console (COM1) to this file (`--kernel`, `--api-sock`).
+    #[arg(long)]
+    pub serial_file: Option<PathBuf>,
 }
 
 /// Parse a byte size: a number with an optional K, M, G or T suffix (binary units).
@@ -122,6 +125,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// # Errors
 /// Whatever the backend's runner reports.
 pub fn run(args: RunArgs) -> CmdResult {
+    if args.kernel.is_some() || args.api_sock.is_some() {
+        return super::run_kernel::run(args);
+    }
     match args.backend {
         BackendKind::Soft => super::run_soft::run(&args),
         BackendKind::Kvm => super::run_kvm::run(&args),

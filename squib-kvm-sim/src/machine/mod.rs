@@ -1,0 +1,711 @@
+//! An x86-64 machine on KVM that boots a 64-bit ELF kernel the way Firecracker
+//! does, and whose complete state can be captured while it runs and restored
+//! into a new VM.
+//!
+//! Why it is built this way: a snapshot is only as good as the state it does not
+//! forget. The guest's clock is KVM's in-kernel PIT, PIC, IOAPIC and LAPIC, so
+//! the machine keeps those in the kernel (where a real VMM keeps them) and
+//! carries their state explicitly; COM1 lives in squib and is carried too.
+//! Memory stays a plain `GuestMemoryMmap<AtomicBitmap>` so the snapshot file
+//! format saves and maps it like any other backend's memory.
+//!
+//! The machine: one RAM region at 0 (below the 3 GiB MMIO hole), 1 or 2 vCPUs,
+//! in-kernel irqchip and PIT, COM1 at 0x3f8 on GSI 4. Every vCPU enters the
+//! kernel in long mode; application processors start runnable at the same
+//! entry rather than waiting for INIT/SIPI (see [`GUEST_KERNEL`]'s source).
+#![cfg(target_arch = "x86_64")]
+
+pub mod boot;
+pub mod console;
+pub mod cpuid;
+pub mod files;
+pub mod guest;
+pub mod layout;
+pub mod serial;
+pub mod state;
+pub mod vcpu;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip,
+    kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use parking_lot::Mutex;
+use squib_arch::GpaRange;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
+use vm_superio::Serial;
+use vm_superio::serial::NoEvents;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub use boot::GuestMemory;
+pub use console::{Capture, Console};
+pub use files::{SnapshotPaths, SnapshotType};
+pub use state::{MachineState, VcpuState};
+
+use serial::IrqTrigger;
+use vcpu::{Control, Devices, Want};
+
+/// Path of squib's test guest kernel, built from `guest/kernel.S` by this crate's build.
+pub const GUEST_KERNEL: &str = env!("SQUIB_GUEST_KERNEL");
+
+/// The most vCPUs the machine (and the test guest) supports.
+pub const MAX_VCPUS: u8 = 2;
+
+/// What went wrong with the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// The configuration cannot be built.
+    #[error("invalid machine configuration: {0}")]
+    InvalidConfig(String),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped.
+    #[error("guest memory of {size} bytes: {reason}")]
+    Memory {
+        /// Requested size.
+        size: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// Loading the kernel or writing boot structures failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// An operation needs the vCPUs paused.
+    #[error("the machine must be paused to {0}")]
+    NotPaused(&'static str),
+    /// A KVM MSR read or write stopped short.
+    #[error("KVM {op}: MSR {index:#x} was refused")]
+    Msr {
+        /// Read or write.
+        op: &'static str,
+        /// The MSR.
+        index: u32,
+    },
+    /// The state does not fit the memory or machine it is restored into.
+    #[error("machine state does not match: {0}")]
+    StateMismatch(String),
+    /// A vCPU thread could not be started.
+    #[error("starting vCPU thread {index}")]
+    Thread {
+        /// vCPU index.
+        index: usize,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Kvm { op, source }
+}
+
+/// How to build a machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u8,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Log guest writes (KVM's dirty log) so that [`Machine::take_dirty`] can
+    /// say which pages changed: what a diff snapshot needs.
+    pub track_dirty_pages: bool,
+}
+
+/// How [`Machine::restore`] brings the machine up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Park the vCPUs before they run a single guest instruction; [`Machine::resume`] starts them.
+    pub paused: bool,
+    /// As [`MachineConfig::track_dirty_pages`]; the log starts empty, so the first
+    /// diff holds what changed since the restored snapshot.
+    pub track_dirty_pages: bool,
+}
+
+impl MachineConfig {
+    /// Check the configuration before anything is allocated.
+    ///
+    /// # Errors
+    /// [`MachineError::InvalidConfig`] naming the value and the allowed range.
+    pub fn validate(&self) -> Result<(), MachineError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(MachineError::InvalidConfig(format!(
+                "{} vCPUs: this machine runs 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if self.mem_size < layout::MIN_MEM || self.mem_size > layout::MMIO_GAP_START {
+            return Err(MachineError::InvalidConfig(format!(
+                "{} bytes of RAM: must be {} MiB to {} MiB",
+                self.mem_size,
+                layout::MIN_MEM >> 20,
+                layout::MMIO_GAP_START >> 20
+            )));
+        }
+        if !self.mem_size.is_multiple_of(4096) {
+            return Err(MachineError::InvalidConfig(format!(
+                "{} bytes of RAM: not a multiple of 4 KiB",
+                self.mem_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Allocate zeroed guest RAM of `size` bytes at guest address 0.
+///
+/// # Errors
+/// [`MachineError::Memory`] if the mapping fails.
+pub fn new_memory(size: u64) -> Result<GuestMemory, MachineError> {
+    let len = usize::try_from(size).map_err(|e| MachineError::Memory {
+        size,
+        reason: e.to_string(),
+    })?;
+    GuestMemory::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| MachineError::Memory {
+        size,
+        reason: e.to_string(),
+    })
+}
+
+/// A copy of `src` in fresh memory (what a restore from a full snapshot would map).
+///
+/// # Errors
+/// [`MachineError::Memory`] if the copy cannot be made.
+pub fn copy_memory(src: &GuestMemory) -> Result<GuestMemory, MachineError> {
+    let size = src.last_addr().raw_value() + 1;
+    let dst = new_memory(size)?;
+    for region in src.iter() {
+        let len = usize::try_from(region.len()).map_err(|e| MachineError::Memory {
+            size,
+            reason: e.to_string(),
+        })?;
+        let mut buf = vec![0u8; len];
+        let fail = |e: vm_memory::GuestMemoryError| MachineError::Memory {
+            size,
+            reason: e.to_string(),
+        };
+        vm_memory::Bytes::read_slice(src, &mut buf, region.start_addr()).map_err(fail)?;
+        vm_memory::Bytes::write_slice(&dst, &buf, region.start_addr()).map_err(fail)?;
+    }
+    Ok(dst)
+}
+
+/// A running (or paused) guest.
+///
+/// Dropping it stops the vCPU threads.
+pub struct Machine {
+    // Field order is drop order: threads end (in Drop) before the VM, the VM
+    // before the memory it maps.
+    handles: Vec<JoinHandle<()>>,
+    control: Arc<Control>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    devices: Arc<Devices>,
+    vm: VmFd,
+    kvm: Kvm,
+    memory: GuestMemory,
+    track_dirty_pages: bool,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.vcpus.len())
+            .field("mem_size", &(self.memory.last_addr().raw_value() + 1))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Boot `kernel` (a 64-bit ELF) on a new machine; the vCPUs start running at once.
+    ///
+    /// # Errors
+    /// [`MachineError`] naming the configuration value, file or KVM call at fault.
+    pub fn boot(config: &MachineConfig, kernel: &Path, console: Console) -> Result<Self, MachineError> {
+        config.validate()?;
+        let memory = new_memory(config.mem_size)?;
+        let entry = boot::load_kernel(&memory, kernel)?;
+        boot::write_boot_params(&memory, &config.cmdline, config.mem_size)?;
+        boot::write_tables(&memory)?;
+
+        let (kvm, vm) = create_vm(&memory, config.track_dirty_pages)?;
+        let devices = Arc::new(Devices {
+            com1: Mutex::new(Serial::new(irq_trigger(&vm)?, console)),
+        });
+        let supported = supported_cpuid(&kvm)?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&supported, index, config.vcpus))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            set_msrs(&fd, &boot::msrs())?;
+            fd.set_regs(&boot::regs(entry)).map_err(kvm_err("KVM_SET_REGS"))?;
+            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            fd.set_fpu(&boot::fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+            let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+            set_lint_virtual_wire(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+            if index > 0 {
+                // Application processors enter the kernel like the BSP instead of
+                // waiting for INIT/SIPI (no real-mode trampoline).
+                fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+            }
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        Self::start(
+            kvm,
+            vm,
+            memory,
+            vcpus,
+            devices,
+            Want::Run,
+            config.track_dirty_pages,
+        )
+    }
+
+    /// Build a new machine from `state` and `memory` (guest RAM as it was at the
+    /// capture). It runs on from where the captured one stopped, or, with
+    /// `paused`, waits for [`Machine::resume`] without running a single guest
+    /// instruction.
+    ///
+    /// # Errors
+    /// [`MachineError::StateMismatch`] if `memory` is not the size the state
+    /// was captured with; otherwise the KVM call that refused the state.
+    pub fn restore(
+        state: &MachineState,
+        memory: GuestMemory,
+        console: Console,
+        options: RestoreOptions,
+    ) -> Result<Self, MachineError> {
+        let paused = options.paused;
+        let size = memory.last_addr().raw_value() + 1;
+        if size != state.mem_size || memory.num_regions() != 1 {
+            return Err(MachineError::StateMismatch(format!(
+                "state is for {} bytes of RAM in one region, memory has {size} bytes in {} regions",
+                state.mem_size,
+                memory.num_regions()
+            )));
+        }
+        let n = state.vcpus.len();
+        if n == 0 || n > usize::from(MAX_VCPUS) {
+            return Err(MachineError::StateMismatch(format!(
+                "state has {n} vCPUs, this machine runs 1 to {MAX_VCPUS}"
+            )));
+        }
+        // The memory is the snapshot's: nothing in it is dirty relative to it.
+        for region in memory.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        let (kvm, vm) = create_vm(&memory, options.track_dirty_pages)?;
+        // VM-wide devices first: the vCPUs' LAPICs and events refer to them.
+        vm.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        let mut clock = state.clock;
+        // Resume the guest clock at its captured value: no jump back, and none
+        // forward by the time the machine spent saved (flags would add it).
+        clock.flags = 0;
+        vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        let serial = Serial::from_state(&(&state.serial).into(), irq_trigger(&vm)?, NoEvents, console)
+            .map_err(|e| MachineError::StateMismatch(format!("COM1: {e:?}")))?;
+        let devices = Arc::new(Devices {
+            com1: Mutex::new(serial),
+        });
+        let mut vcpus = Vec::new();
+        for (index, vs) in (0u64..).zip(&state.vcpus) {
+            let fd = vm.create_vcpu(index).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            restore_vcpu(&fd, vs)?;
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        let want = if paused { Want::Pause } else { Want::Run };
+        let machine = Self::start(kvm, vm, memory, vcpus, devices, want, options.track_dirty_pages)?;
+        if paused {
+            // Wait until every thread has parked, so that `is_paused` holds on return.
+            machine.pause();
+        }
+        Ok(machine)
+    }
+
+    fn start(
+        kvm: Kvm,
+        vm: VmFd,
+        memory: GuestMemory,
+        vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+        devices: Arc<Devices>,
+        want: Want,
+        track_dirty_pages: bool,
+    ) -> Result<Self, MachineError> {
+        let control = Arc::new(Control::new(want));
+        let mut machine = Self {
+            handles: Vec::new(),
+            control,
+            vcpus,
+            devices,
+            vm,
+            kvm,
+            memory,
+            track_dirty_pages,
+        };
+        for (index, fd) in machine.vcpus.iter().enumerate() {
+            let handle = vcpu::spawn(
+                index,
+                Arc::clone(fd),
+                Arc::clone(&machine.control),
+                Arc::clone(&machine.devices),
+            )
+            .map_err(|source| MachineError::Thread { index, source })?;
+            machine.handles.push(handle);
+        }
+        Ok(machine)
+    }
+
+    /// Guest RAM.
+    #[must_use]
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Number of vCPUs.
+    #[must_use]
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The first fatal error a vCPU hit (guest panic, triple fault, KVM error), if any.
+    #[must_use]
+    pub fn failure(&self) -> Option<String> {
+        self.control.failure()
+    }
+
+    /// Whether every vCPU thread has ended.
+    #[must_use]
+    pub fn has_stopped(&self) -> bool {
+        self.control.exited() >= self.handles.len()
+    }
+
+    /// Whether the machine logs guest writes ([`MachineConfig::track_dirty_pages`]).
+    #[must_use]
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages
+    }
+
+    /// Whether the vCPUs are parked by [`Machine::pause`] (or a paused restore).
+    #[must_use]
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused(self.handles.len())
+    }
+
+    /// Stop the vCPUs at a point where their state is complete; returns once all are parked.
+    pub fn pause(&self) {
+        vcpu::stop_all(&self.control, &self.handles, Want::Pause);
+    }
+
+    /// Let paused vCPUs run on.
+    pub fn resume(&self) {
+        vcpu::resume_all(&self.control);
+    }
+
+    /// The guest pages written since the last call (or since boot or restore),
+    /// as sorted, coalesced 4 KiB-aligned ranges: KVM's dirty log for vCPU
+    /// writes, OR-ed with vm-memory's bitmap for writes squib made itself. Both
+    /// are cleared, so the next call starts from here; call it while paused for
+    /// a diff that matches the captured state exactly.
+    ///
+    /// # Errors
+    /// [`MachineError::InvalidConfig`] if the machine was built without
+    /// `track_dirty_pages`; the KVM call if it fails.
+    pub fn take_dirty(&self) -> Result<Vec<GpaRange>, MachineError> {
+        const PAGE: u64 = 4096;
+        if !self.track_dirty_pages {
+            return Err(MachineError::InvalidConfig(
+                "dirty pages asked of a machine built without track_dirty_pages".to_owned(),
+            ));
+        }
+        let mut ranges: Vec<GpaRange> = Vec::new();
+        for (slot, region) in (0u32..).zip(self.memory.iter()) {
+            let len = usize::try_from(region.len()).map_err(|e| MachineError::Memory {
+                size: region.len(),
+                reason: e.to_string(),
+            })?;
+            let kvm_words = self
+                .vm
+                .get_dirty_log(slot, len)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let vmm_words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let base = region.start_addr().raw_value();
+            let pages = region.len() / PAGE;
+            let mut run: Option<(u64, u64)> = None;
+            for page in 0..pages {
+                let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
+                let bit = 1u64 << (page % 64);
+                let dirty = kvm_words.get(word).is_some_and(|w| w & bit != 0)
+                    || vmm_words.get(word).is_some_and(|w| w & bit != 0);
+                run = match (run, dirty) {
+                    (Some((s, n)), true) => Some((s, n + 1)),
+                    (None, true) => Some((page, 1)),
+                    (Some((s, n)), false) => {
+                        ranges.push(page_range(base, s, n)?);
+                        None
+                    }
+                    (None, false) => None,
+                };
+            }
+            if let Some((s, n)) = run {
+                ranges.push(page_range(base, s, n)?);
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Put `ranges` back into the dirty set (vm-memory's bitmap), so that the
+    /// next [`Machine::take_dirty`] returns them again: what a diff that failed
+    /// to be written does with the pages it had taken.
+    pub fn mark_dirty(&self, ranges: &[GpaRange]) {
+        for r in ranges {
+            for region in self.memory.iter() {
+                let start = region.start_addr().raw_value();
+                let end = start + region.len();
+                let (a, b) = (r.start().max(start), r.end().min(end));
+                if a < b {
+                    let (Ok(off), Ok(len)) = (usize::try_from(a - start), usize::try_from(b - a)) else {
+                        continue;
+                    };
+                    std::ops::Deref::deref(region).bitmap().set_addr_range(off, len);
+                }
+            }
+        }
+    }
+
+    /// Capture the complete machine state (memory excepted). The machine must be paused.
+    ///
+    /// # Errors
+    /// [`MachineError::NotPaused`], or the KVM call that failed.
+    pub fn capture(&self) -> Result<MachineState, MachineError> {
+        if !self.control.is_paused(self.handles.len()) {
+            return Err(MachineError::NotPaused("capture its state"));
+        }
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let mut vcpus = Vec::new();
+        for fd in &self.vcpus {
+            let fd = fd.lock();
+            vcpus.push(capture_vcpu(&fd, msr_list.as_slice())?);
+        }
+        let chip = |chip_id| -> Result<kvm_irqchip, MachineError> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(MachineState {
+            version: state::STATE_VERSION,
+            mem_size: self.memory.last_addr().raw_value() + 1,
+            vcpus,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+            serial: self.devices.com1.lock().state().into(),
+        })
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        vcpu::stop_all(&self.control, &self.handles, Want::Stop);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn page_range(base: u64, first: u64, pages: u64) -> Result<GpaRange, MachineError> {
+    GpaRange::new(base + first * 4096, pages * 4096)
+        .map_err(|e| MachineError::StateMismatch(format!("dirty range: {e}")))
+}
+
+/// Open KVM, create the VM with its in-kernel irqchip and PIT, and map `memory`.
+fn create_vm(memory: &GuestMemory, log_dirty: bool) -> Result<(Kvm, VmFd), MachineError> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX))
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    for (slot, region) in (0u32..).zip(memory.iter()) {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| MachineError::Memory {
+                size: region.len(),
+                reason: e.to_string(),
+            })?;
+        let mr = kvm_userspace_memory_region {
+            slot,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping is `region.len()` bytes at `host`, owned by `memory`,
+        // which the Machine keeps alive (and drops after the VM).
+        unsafe { vm.set_user_memory_region(mr) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok((kvm, vm))
+}
+
+fn irq_trigger(vm: &VmFd) -> Result<IrqTrigger, MachineError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| MachineError::Kvm {
+        op: "eventfd",
+        source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+    })?;
+    vm.register_irqfd(&evt, layout::COM1_GSI)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(IrqTrigger(evt))
+}
+
+fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, MachineError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// LINT0 as ExtINT (the 8259 reaches the CPU through it) and LINT1 as NMI: the
+/// "virtual wire" mode a PC boots in.
+fn set_lint_virtual_wire(lapic: &mut kvm_lapic_state) {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const APIC_MODE_NMI: u32 = 0x4;
+    const APIC_MODE_EXTINT: u32 = 0x7;
+    let set = |lapic: &mut kvm_lapic_state, off: usize, mode: u32| {
+        let mut b = [0u8; 4];
+        for (d, s) in b.iter_mut().zip(&lapic.regs[off..off + 4]) {
+            *d = s.to_ne_bytes()[0];
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (d, s) in lapic.regs[off..off + 4].iter_mut().zip(v.to_le_bytes()) {
+            *d = i8::from_ne_bytes([s]);
+        }
+    };
+    set(lapic, APIC_LVT0, APIC_MODE_EXTINT);
+    set(lapic, APIC_LVT1, APIC_MODE_NMI);
+}
+
+fn set_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), MachineError> {
+    let msrs = Msrs::from_entries(entries).map_err(|_| MachineError::Msr {
+        op: "KVM_SET_MSRS (too many entries)",
+        index: 0,
+    })?;
+    let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+    if n < entries.len() {
+        return Err(MachineError::Msr {
+            op: "KVM_SET_MSRS",
+            index: entries[n].index,
+        });
+    }
+    Ok(())
+}
+
+/// Read every MSR in `list` that KVM will read; skip (one by one) those it refuses.
+fn get_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, MachineError> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(256)];
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| MachineError::Msr {
+            op: "KVM_GET_MSRS (too many entries)",
+            index: chunk[0],
+        })?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        // Entry n (if any) was refused: skip it.
+        rest = &rest[(n + 1).min(rest.len())..];
+    }
+    Ok(out)
+}
+
+fn capture_vcpu(fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, MachineError> {
+    // MP state first: reading it makes KVM process pending INIT/SIPI, which
+    // changes the registers and LAPIC read after it.
+    let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
+    let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let xsave = fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+    let xcrs = fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
+    let debug_regs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+    let lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_CPUID2"))?;
+    let msrs = get_msrs(fd, msr_list)?;
+    // Events last: the pending-interrupt record must match the LAPIC read above.
+    let events = fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        cpuid: cpuid.as_slice().to_vec(),
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug_regs,
+        lapic,
+        msrs,
+        events,
+    })
+}
+
+fn restore_vcpu(fd: &VcpuFd, vs: &VcpuState) -> Result<(), MachineError> {
+    // Order matters (as in Firecracker): CPUID before MSRs (it decides which
+    // exist); sregs before the LAPIC (sregs carry the APIC base); the LAPIC
+    // before MSRs (TSC deadline) and before events; events last.
+    let cpuid = CpuId::from_entries(&vs.cpuid)
+        .map_err(|_| MachineError::StateMismatch(format!("{} CPUID entries", vs.cpuid.len())))?;
+    fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    fd.set_mp_state(vs.mp_state)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&vs.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    fd.set_sregs(&vs.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    // SAFETY: `vs.xsave` is a plain kvm_xsave (4 KiB region) as KVM_GET_XSAVE
+    // returned it; KVM copies no more than that struct's size.
+    unsafe { fd.set_xsave(&vs.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&vs.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&vs.debug_regs)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&vs.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    set_msrs(fd, &vs.msrs)?;
+    fd.set_vcpu_events(&vs.events)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Firecracker's HTTP API on a Unix socket, for what squib's KVM machine has.
+//!
+//! Endpoints: `GET /`, `GET|PUT /machine-config`, `PUT /boot-source`,
+//! `PUT /actions` (`InstanceStart`), `PATCH /vm` (`Paused`/`Resumed`),
+//! `PUT /snapshot/create` and `PUT /snapshot/load`, with Firecracker's body
+//! shapes and `{"fault_message": ...}` errors. Each connection gets a thread;
+//! requests are served one at a time against one [`vmm::Vmm`], as in
+//! Firecracker, so a client never sees a half-applied change.
+
+pub mod http;
+pub mod vmm;
+
+use std::io::{BufReader, ErrorKind};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+
+use http::{HttpError, Response, read_request};
+use vmm::Vmm;
+
+/// Removes the socket file when the server ends.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn serve_connection(stream: UnixStream, vmm: &Mutex<Vmm>) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = write_half;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let response = match read_request(&mut reader) {
+            Ok(req) => vmm.lock().handle(&req),
+            Err(HttpError::Closed | HttpError::Io(_)) => return,
+            Err(e @ HttpError::Bad(_)) => {
+                let _ = Response::fault(400, &e.to_string()).write_to(&mut writer);
+                return;
+            }
+        };
+        if response.write_to(&mut writer).is_err() {
+            return;
+        }
+    }
+}
+
+/// Serve the API on `sock` until `run_for` has passed (forever without it) or the
+/// guest fails.
+///
+/// # Errors
+/// The socket cannot be created (it exists already, or the directory is
+/// missing), or the guest failed.
+pub fn serve(sock: &Path, vmm: Vmm, run_for: Option<Duration>) -> anyhow::Result<()> {
+    if sock.exists() {
+        bail!("--api-sock {}: already exists", sock.display());
+    }
+    let listener = UnixListener::bind(sock).with_context(|| format!("--api-sock {}", sock.display()))?;
+    let _cleanup = SocketFile(sock.to_owned());
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("--api-sock {}", sock.display()))?;
+    let vmm = Arc::new(Mutex::new(vmm));
+    let started = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .with_context(|| format!("--api-sock {}", sock.display()))?;
+                let vmm = Arc::clone(&vmm);
+                std::thread::Builder::new()
+                    .name("squib-api".to_owned())
+                    .spawn(move || serve_connection(stream, &vmm))
+                    .context("starting an API connection thread")?;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e).with_context(|| format!("--api-sock {}", sock.display())),
+        }
+        if let Some(why) = vmm.lock().failure() {
+            bail!("guest failed: {why}");
+        }
+        if run_for.is_some_and(|d| started.elapsed() >= d) {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Firecracker's API on `squib run --api-sock`: configure and start the test
+//! guest, pause, snapshot, resume, kill -9 the process, load the snapshot in a
+//! new process: the guest carries on where it was.
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use squib_kvm_sim::machine::GUEST_KERNEL;
+use squib_kvm_sim::machine::files::{self, SnapshotPaths};
+use squib_kvm_sim::machine::guest::{check, parse};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
+            "SQUIB_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
+        );
+        eprintln!("skipped: /dev/kvm cannot be opened");
+    }
+    ok
+}
+
+/// A `squib run --api-sock` process, killed (SIGKILL) when dropped.
+struct Squib {
+    child: Child,
+    sock: PathBuf,
+    serial: PathBuf,
+}
+
+impl Squib {
+    fn spawn(dir: &Path, name: &str) -> Self {
+        let sock = dir.join(format!("{name}.sock"));
+        let serial = dir.join(format!("{name}.com1"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_squib"))
+            .args(["run", "--backend", "kvm", "--api-sock"])
+            .arg(&sock)
+            .arg("--serial-file")
+            .arg(&serial)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn squib");
+        let deadline = Instant::now() + TIMEOUT;
+        while !sock.exists() {
+            if let Some(status) = child.try_wait().expect("poll squib") {
+                panic!("squib ended before serving {}: {status}", sock.display());
+            }
+            assert!(Instant::now() < deadline, "no API socket {}", sock.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, sock, serial }
+    }
+
+    /// Send one request; returns the status and the body.
+    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(&self.sock).expect("connect");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut r = BufReader::new(s);
+        let mut status = String::new();
+        r.read_line(&mut status).expect("status line");
+        let code: u16 = status
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("status line {status:?}"));
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).expect("header");
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.strip_prefix("Content-Length: ") {
+                len = v.parse().expect("length");
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).expect("body");
+        (code, String::from_utf8(body).expect("utf-8"))
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (code, reply) = self.call(method, path, body);
+        assert_eq!(code, 204, "{method} {path} {body}: {reply}");
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn wait_console(&self, mut done: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let text = self.console();
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console of {} never got there:\n{text}",
+                self.sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Squib {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn create_body(kind: &str, p: &SnapshotPaths) -> String {
+    serde_json::json!({
+        "snapshot_type": kind, "snapshot_path": p.state, "mem_file_path": p.mem,
+    })
+    .to_string()
+}
+
+#[test]
+fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snap = |name: &str| SnapshotPaths {
+        state: dir.path().join(format!("{name}.state")),
+        mem: dir.path().join(format!("{name}.mem")),
+    };
+
+    let a = Squib::spawn(dir.path(), "a");
+    let (code, info) = a.call("GET", "/", "");
+    assert_eq!(code, 200);
+    assert!(info.contains("\"Not started\""), "{info}");
+    a.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64, "smt": false, "track_dirty_pages": true}"#,
+    );
+    a.ok(
+        "PUT",
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": GUEST_KERNEL, "boot_args": "console=ttyS0"}).to_string(),
+    );
+    a.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= 1));
+
+    // Configuration is closed once the guest runs; a snapshot needs a pause.
+    let (code, fault) = a.call(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    assert_eq!(code, 400, "{fault}");
+    let base = snap("base");
+    let (code, fault) = a.call("PUT", "/snapshot/create", &create_body("Full", &base));
+    assert_eq!(code, 400);
+    assert!(fault.contains("paused"), "{fault}");
+
+    a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    a.ok("PUT", "/snapshot/create", &create_body("Full", &base));
+    a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // Three diffs of the running guest, a few timer periods apart.
+    let mut diffs = Vec::new();
+    let mut before = String::new();
+    for i in 0..3 {
+        let n = parse(&a.console()).last().map_or(0, |l| l.counter);
+        a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= n + 2));
+        a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        let d = snap(&format!("diff{i}"));
+        a.ok("PUT", "/snapshot/create", &create_body("Diff", &d));
+        before = a.console();
+        a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        diffs.push(d);
+    }
+    let at_pause = parse(&before).last().expect("a line").counter;
+    // The guest runs on after the last diff, then its process dies without warning.
+    a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter > at_pause + 1));
+    drop(a);
+
+    let merged = snap("merged");
+    files::merge(&base, &diffs, &merged).expect("merge the chain");
+    let b = Squib::spawn(dir.path(), "b");
+    b.ok(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({
+            "snapshot_path": merged.state,
+            "mem_backend": {"backend_path": merged.mem, "backend_type": "File"},
+            "resume_vm": true,
+        })
+        .to_string(),
+    );
+    let after = b.wait_console(|t| {
+        parse(&format!("{before}{t}"))
+            .last()
+            .is_some_and(|l| l.counter >= at_pause + 3)
+    });
+    let (code, info) = b.call("GET", "/", "");
+    assert_eq!(code, 200);
+    assert!(info.contains("\"Running\""), "{info}");
+    let all = format!("{before}{after}");
+    if let Err(e) = check(&parse(&all), 2) {
+        panic!("{e}\nconsole:\n{all}");
+    }
+}
+
+#[test]
+fn test_should_refuse_a_guest_snapshot_that_is_not_one_naming_the_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("vm.state");
+    let mem = dir.path().join("vm.mem");
+    std::fs::write(&state, b"not a snapshot").expect("write");
+    std::fs::write(&mem, b"").expect("write");
+    let s = Squib::spawn(dir.path(), "s");
+    let (code, fault) = s.call(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string(),
+    );
+    assert_eq!(code, 400);
+    assert!(fault.contains("vm.state") && fault.contains("magic"), "{fault}");
+    let (code, fault) = s.call(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64, "bogus": 1}"#,
+    );
+    assert_eq!(code, 400);
+    assert!(fault.contains("bogus"), "{fault}");
+    let (code, _) = s.call("GET", "/nowhere", "");
+    assert_eq!(code, 404);
+}

@@ -1,0 +1,91 @@
+//! `squib run --backend kvm --kernel`: the test guest boots from the command
+//! line, its console reaches standard output and the `--serial-file`.
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+
+use std::process::Command;
+
+use squib_kvm_sim::machine::GUEST_KERNEL;
+
+fn squib() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_squib"))
+}
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
+            "SQUIB_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
+        );
+        eprintln!("skipped: /dev/kvm cannot be opened");
+    }
+    ok
+}
+
+#[test]
+fn test_should_boot_guest_kernel_from_the_command_line_with_console_on_stdout_and_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let serial = dir.path().join("com1.txt");
+    let out = squib()
+        .args(["run", "--backend", "kvm", "--kernel", GUEST_KERNEL])
+        .args(["--vcpus", "2", "--mem", "64M", "--cmdline", "squib.cli=1"])
+        .args(["--for", "1500ms", "--serial-file"])
+        .arg(&serial)
+        .output()
+        .expect("run squib");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "squib failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("squib guest: e820=2 ram_mib=63 cmdline=squib.cli=1\n"),
+        "{stdout}"
+    );
+    let counters: Vec<&str> = stdout.lines().filter(|l| l.starts_with("COUNTER ")).collect();
+    assert!(!counters.is_empty(), "no COUNTER line in 1.5 s:\n{stdout}");
+    assert!(counters[0].starts_with("COUNTER 1 ck0="), "{stdout}");
+    assert!(counters[0].contains(" ck1="), "both CPUs report: {stdout}");
+    let file = std::fs::read_to_string(&serial).expect("serial file");
+    assert_eq!(file, stdout, "the serial file holds what the terminal showed");
+}
+
+#[test]
+fn test_should_refuse_kernel_without_kvm_backend() {
+    let out = squib()
+        .args(["run", "--backend", "soft", "--kernel", GUEST_KERNEL])
+        .output()
+        .expect("run squib");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs --backend kvm") && err.contains(GUEST_KERNEL),
+        "{err}"
+    );
+}
+
+#[test]
+fn test_should_name_the_kernel_file_that_is_not_an_elf() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bogus = dir.path().join("not-a-kernel");
+    std::fs::write(&bogus, b"#!/bin/sh\necho hi\n").expect("write");
+    let out = squib()
+        .args(["run", "--backend", "kvm", "--mem", "16M", "--kernel"])
+        .arg(&bogus)
+        .output()
+        .expect("run squib");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&*bogus.to_string_lossy()) && err.contains("not a loadable 64-bit ELF"),
+        "{err}"
+    );
+}
