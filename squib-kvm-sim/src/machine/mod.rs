@@ -10,9 +10,8 @@
 //! format saves and maps it like any other backend's memory.
 //!
 //! The machine: one RAM region at 0 (below the 3 GiB MMIO hole), 1 or 2 vCPUs,
-//! in-kernel irqchip and PIT, COM1 at 0x3f8 on GSI 4. Every vCPU enters the
-//! kernel in long mode; application processors start runnable at the same
-//! entry rather than waiting for INIT/SIPI (see [`GUEST_KERNEL`]'s source).
+//! in-kernel irqchip and PIT, COM1 at 0x3f8 on GSI 4. The boot vCPU enters
+//! the kernel in long mode; the others wait for INIT/SIPI from it, as on a PC.
 #![cfg(target_arch = "x86_64")]
 
 pub mod boot;
@@ -31,8 +30,8 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip,
-    kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
+    kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
@@ -259,14 +258,6 @@ impl Machine {
             let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
             set_lint_virtual_wire(&mut lapic);
             fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-            if index > 0 {
-                // Application processors enter the kernel like the BSP instead of
-                // waiting for INIT/SIPI (no real-mode trampoline).
-                fd.set_mp_state(kvm_bindings::kvm_mp_state {
-                    mp_state: KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-            }
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         Self::start(
