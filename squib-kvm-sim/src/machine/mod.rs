@@ -56,6 +56,7 @@ pub mod cpuid;
 pub mod files;
 pub mod guest;
 pub mod layout;
+pub mod mptable;
 pub mod serial;
 pub mod state;
 pub mod vcpu;
@@ -116,6 +117,9 @@ pub enum MachineError {
     /// Loading the kernel or writing boot structures failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
     /// An operation needs the vCPUs paused.
     #[error("the machine must be paused to {0}")]
     NotPaused(&'static str),
@@ -272,6 +276,7 @@ impl Machine {
         let entry = boot::load_kernel(&memory, kernel)?;
         boot::write_boot_params(&memory, &config.cmdline, config.mem_size)?;
         boot::write_tables(&memory)?;
+        mptable::write(&memory, config.vcpus)?;
 
         let (kvm, vm) = create_vm(&memory, config.track_dirty_pages)?;
         let devices = Arc::new(Devices {
