@@ -209,6 +209,64 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
     }
 }
 
+/// A minimal ELF64 executable: one PT_LOAD segment at 1 MiB holding `code`,
+/// entered at its first byte.
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const HDRS: u64 = 64 + 56;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF");
+    e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, SysV
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(LOAD + HDRS).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    e.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    e.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    let size = HDRS + code.len() as u64;
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R X
+    e.extend_from_slice(&0u64.to_le_bytes()); // file offset
+    e.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
+    e.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&0x1000u64.to_le_bytes());
+    e.extend_from_slice(code);
+    e
+}
+
+#[test]
+fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kernel = dir.path().join("ud2.elf");
+    std::fs::write(&kernel, tiny_elf(&[0x0f, 0x0b])).expect("write kernel"); // ud2
+    let config = MachineConfig {
+        mem_size: 16 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        track_dirty_pages: false,
+    };
+    let machine = Machine::boot(&config, &kernel, Console::new()).expect("boot");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while machine.failure().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no failure reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // #UD with the VMM's empty IDT escalates to a triple fault: KVM shuts the VM down.
+    let failure = machine.failure().unwrap_or_default();
+    assert!(failure.contains("triple fault"), "{failure}");
+    assert!(machine.has_stopped());
+}
+
 // ---- full and diff snapshot files ------------------------------------------
 
 fn paths(dir: &Path, name: &str) -> SnapshotPaths {
