@@ -25,10 +25,12 @@
  *   COUNTER <n> ck0=<16 hex> ok0=<dec> bad0=<dec> back0=<dec> [ck1=... for CPU 1]
  * `ck` is the region's sum as of that CPU's last successful re-check.
  *
- * Application processors: the VMM starts every vCPU in long mode at this same
- * entry (no INIT/SIPI trampoline, which would be real-mode code); a CPU tells
- * who it is from its initial APIC ID (CPUID leaf 1, EBX[31:24]) and waits for
- * CPU 0 to build the shared tables.
+ * Application processors start as on a PC: they wait for INIT/SIPI. CPU 0
+ * copies a real-mode trampoline to 0x10000, switches its local APIC to x2APIC
+ * mode and sends INIT, SIPI, SIPI to each other CPU (their count is CPUID leaf
+ * 1, EBX[23:16]); the trampoline goes real mode -> protected mode -> long
+ * mode and jumps to _start. A CPU tells who it is from its initial APIC ID
+ * (CPUID leaf 1, EBX[31:24]).
  *
  * Ports: 0x3f8 COM1 (output only, THR never polled: the VMM's 8250 is always
  * ready), 0x20/0x21/0xa0/0xa1 PIC, 0x40/0x43 PIT, 0x501 "guest panic": an
@@ -47,6 +49,10 @@
     .set COM1, 0x3f8
     .set PIT_DIVISOR, 11932           /* 1193182 Hz / 11932 = 100.0 Hz */
     .set TICKS_PER_LINE, 10
+    .set TRAMPOLINE, 0x10000          /* SIPI vector 0x10 */
+    .set MSR_APIC_BASE, 0x1b
+    .set MSR_X2APIC_ICR, 0x830
+    .set MSR_EFER, 0xc0000080
 
     .set KCODE, 0x08
     .set KDATA, 0x10
@@ -93,6 +99,7 @@ _start:
     call init_pic
     call init_pit
     mov byte ptr [rip + tables_ready], 1
+    call start_aps
     jmp cpu_common
 
 ap_wait:
@@ -154,6 +161,91 @@ halt_forever:
     cli
     hlt
     jmp halt_forever
+
+/* Wake CPUs 1..count-1: trampoline to TRAMPOLINE, then INIT, SIPI, SIPI. */
+start_aps:
+    mov eax, 1
+    cpuid
+    shr ebx, 16
+    and ebx, 0xff                     /* logical CPUs */
+    cmp ebx, MAX_CPUS
+    jbe 1f
+    mov ebx, MAX_CPUS
+1:  cmp ebx, 1
+    jbe 9f
+    lea rsi, [rip + trampoline_start]
+    mov edi, TRAMPOLINE
+    mov ecx, trampoline_end - trampoline_start
+2:  mov al, [rsi]
+    mov [rdi], al
+    inc rsi
+    inc rdi
+    dec ecx
+    jnz 2b
+    /* x2APIC mode: the ICR is one MSR write, no MMIO mapping needed. */
+    mov ecx, MSR_APIC_BASE
+    rdmsr
+    or eax, 0xc00                     /* EN | EXTD */
+    wrmsr
+    mov r8d, 1                        /* APIC ID */
+3:  mov ecx, MSR_X2APIC_ICR
+    mov edx, r8d
+    mov eax, 0x4500                   /* INIT, assert */
+    wrmsr
+    mov eax, 0x4600 | (TRAMPOLINE >> 12)   /* STARTUP */
+    wrmsr
+    wrmsr
+    inc r8d
+    cmp r8d, ebx
+    jb 3b
+9:  ret
+
+/* Real mode at TRAMPOLINE (CS = 0x1000, IP = 0): position-independent by
+ * construction, every address below is TRAMPOLINE + offset. */
+    .code16
+trampoline_start:
+    cli
+    mov ax, cs
+    mov ds, ax
+    lgdt [tramp_gdtr - trampoline_start]
+    mov eax, cr0
+    or eax, 1                         /* PE */
+    mov cr0, eax
+    .byte 0x66, 0xea                  /* ljmp 0x08:TRAMPOLINE + (tramp32 - trampoline_start) */
+    .long TRAMPOLINE + tramp32 - trampoline_start
+    .word 0x08
+    .code32
+tramp32:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov eax, cr4
+    or eax, 0x20                      /* PAE */
+    mov cr4, eax
+    mov eax, offset pml4
+    mov cr3, eax
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, 0x100                     /* LME */
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000001                /* PG | PE */
+    mov cr0, eax
+    .byte 0xea                        /* ljmp 0x18:_start */
+    .long _start
+    .word 0x18
+    .balign 8
+tramp_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff          /* 0x08 32-bit code */
+    .quad 0x00cf92000000ffff          /* 0x10 data */
+    .quad 0x00af9a000000ffff          /* 0x18 64-bit code */
+tramp_gdtr:
+    .word 31
+    .long TRAMPOLINE + tramp_gdt - trampoline_start
+trampoline_end:
+    .code64
 
 /* Identity-map the first 1 GiB with 2 MiB pages; the first page is
  * supervisor-only (kernel), the rest user-accessible (user code, work). */

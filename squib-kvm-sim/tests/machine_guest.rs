@@ -61,6 +61,29 @@ fn wait_for_counter(machine: &Machine, capture: &Capture, n: u64) -> Vec<Counter
     parse(&text)
 }
 
+/// Wait until user mode has run on every CPU since this call (call it right
+/// after a resume): two lines printed after the call, the later one showing
+/// more finished re-checks than the earlier.
+///
+/// Neither counting lines nor comparing with the last line before the call is
+/// proof: KVM's PIT keeps time while the vCPUs are parked and replays the
+/// missed ticks back to back on resume, and those first lines report work
+/// done before the pause.
+fn wait_for_user_work(capture: &Capture) {
+    let seen = parse(&capture.text()).len();
+    let done = capture.wait_until(TIMEOUT, |t| {
+        let lines = parse(t);
+        let fresh = lines.get(seen..).unwrap_or_default();
+        match (fresh.first(), fresh.last()) {
+            (Some(a), Some(b)) => {
+                a.cpus.len() == b.cpus.len() && a.cpus.iter().zip(&b.cpus).all(|(x, y)| y.ok > x.ok)
+            }
+            _ => false,
+        }
+    });
+    assert!(done, "no user-mode progress:\n{}", capture.text());
+}
+
 fn assert_consistent(lines: &[CounterLine], vcpus: usize) {
     if let Err(e) = check(lines, vcpus) {
         panic!("{e}");
@@ -186,6 +209,64 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
     }
 }
 
+/// A minimal ELF64 executable: one PT_LOAD segment at 1 MiB holding `code`,
+/// entered at its first byte.
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const HDRS: u64 = 64 + 56;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF");
+    e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, SysV
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(LOAD + HDRS).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    e.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    e.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    let size = HDRS + code.len() as u64;
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R X
+    e.extend_from_slice(&0u64.to_le_bytes()); // file offset
+    e.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
+    e.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&0x1000u64.to_le_bytes());
+    e.extend_from_slice(code);
+    e
+}
+
+#[test]
+fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kernel = dir.path().join("ud2.elf");
+    std::fs::write(&kernel, tiny_elf(&[0x0f, 0x0b])).expect("write kernel"); // ud2
+    let config = MachineConfig {
+        mem_size: 16 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        track_dirty_pages: false,
+    };
+    let machine = Machine::boot(&config, &kernel, Console::new()).expect("boot");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while machine.failure().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no failure reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // #UD with the VMM's empty IDT escalates to a triple fault: KVM shuts the VM down.
+    let failure = machine.failure().unwrap_or_default();
+    assert!(failure.contains("triple fault"), "{failure}");
+    assert!(machine.has_stopped());
+}
+
 // ---- full and diff snapshot files ------------------------------------------
 
 fn paths(dir: &Path, name: &str) -> SnapshotPaths {
@@ -214,8 +295,7 @@ fn test_should_restore_guest_from_merge_of_full_base_and_three_diffs() {
     let mut diffs = Vec::new();
     for i in 0..3 {
         // The guest writes all over its work regions between two diffs.
-        let n = parse(&capture.text()).last().expect("a line").counter;
-        wait_for_counter(&machine, &capture, n + 2);
+        wait_for_user_work(&capture);
         machine.pause();
         let d = paths(dir.path(), &format!("diff{i}"));
         save(&machine, SnapshotType::Diff, &d);
@@ -272,7 +352,7 @@ fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
     machine.pause();
     save(&machine, SnapshotType::Full, &paths(dir.path(), "base"));
     machine.resume();
-    wait_for_counter(&machine, &capture, 2);
+    wait_for_user_work(&capture);
     machine.pause();
     let nowhere = paths(&dir.path().join("missing"), "diff");
     let err = files::save(&machine, SnapshotType::Diff, &nowhere.state, &nowhere.mem)

@@ -10,9 +10,44 @@
 //! format saves and maps it like any other backend's memory.
 //!
 //! The machine: one RAM region at 0 (below the 3 GiB MMIO hole), 1 or 2 vCPUs,
-//! in-kernel irqchip and PIT, COM1 at 0x3f8 on GSI 4. Every vCPU enters the
-//! kernel in long mode; application processors start runnable at the same
-//! entry rather than waiting for INIT/SIPI (see [`GUEST_KERNEL`]'s source).
+//! in-kernel irqchip and PIT, COM1 at 0x3f8 on GSI 4. The boot vCPU enters
+//! the kernel in long mode; the others wait for INIT/SIPI from it, as on a PC.
+//!
+//! # What a snapshot must not forget (learned the hard way or by reading KVM)
+//!
+//! - **A port read is finished only by the next `KVM_RUN`.** After a
+//!   `KVM_EXIT_IO` for an `in`, KVM copies the value into the guest's register
+//!   when the vCPU re-enters. A vCPU parked right after such an exit has a
+//!   half-done instruction, so before parking each vCPU re-enters once with
+//!   `immediate_exit` set ([`vcpu`]).
+//! - **Kicks get lost.** The signal that makes `KVM_RUN` return `EINTR` can land
+//!   just before the thread enters `KVM_RUN`; the pauser repeats it until every
+//!   thread has parked.
+//! - **Order of reads.** `KVM_GET_MP_STATE` first (it makes KVM process pending
+//!   INIT/SIPI, changing registers and LAPIC); `KVM_GET_VCPU_EVENTS` last.
+//! - **Order of writes.** PIT, clock and the three irqchips before any vCPU;
+//!   per vCPU: CPUID (decides which MSRs exist), MP state, regs, sregs (carry
+//!   the APIC base, x2APIC mode included), XSAVE, XCRs, debug regs, LAPIC (after
+//!   sregs), MSRs (after the LAPIC: TSC deadline), events last.
+//! - **MSRs: whatever KVM lists and will read.** The list comes from
+//!   `KVM_GET_MSR_INDEX_LIST`; `KVM_GET_MSRS` stops at the first MSR it refuses,
+//!   so the reader skips that one and goes on. The TSC is among them: restoring
+//!   it makes the guest's TSC continue from the captured value, so time never
+//!   runs backwards (the guest checks).
+//! - **KVM clock flags.** `KVM_SET_CLOCK` with the flags `KVM_GET_CLOCK`
+//!   returned would add the wall time spent saved (or be refused on older
+//!   kernels); the machine clears them, so guest time resumes where it stopped.
+//! - **The PIT keeps host time.** While the vCPUs are parked the in-kernel PIT
+//!   keeps counting, and by KVM's default reinject policy the missed ticks are
+//!   delivered back to back on resume: a guest counting ticks sees the pause.
+//!   A restore reloads the PIT counters, so a restored guest starts without a
+//!   backlog.
+//! - **The LAPIC's LINT0 must be ExtINT** (virtual wire) or the 8259's
+//!   interrupts never reach the boot CPU; this is set at boot and then travels
+//!   inside the LAPIC state.
+//! - **vm-memory's bitmap after a restore.** Filling the new RAM through
+//!   vm-memory marks every page dirty; those bits are cleared, because the
+//!   loaded bytes are the base the next diff is relative to.
 #![cfg(target_arch = "x86_64")]
 
 pub mod boot;
@@ -21,6 +56,7 @@ pub mod cpuid;
 pub mod files;
 pub mod guest;
 pub mod layout;
+pub mod mptable;
 pub mod serial;
 pub mod state;
 pub mod vcpu;
@@ -31,8 +67,8 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip,
-    kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
+    kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
@@ -81,6 +117,9 @@ pub enum MachineError {
     /// Loading the kernel or writing boot structures failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
     /// An operation needs the vCPUs paused.
     #[error("the machine must be paused to {0}")]
     NotPaused(&'static str),
@@ -237,6 +276,7 @@ impl Machine {
         let entry = boot::load_kernel(&memory, kernel)?;
         boot::write_boot_params(&memory, &config.cmdline, config.mem_size)?;
         boot::write_tables(&memory)?;
+        mptable::write(&memory, config.vcpus)?;
 
         let (kvm, vm) = create_vm(&memory, config.track_dirty_pages)?;
         let devices = Arc::new(Devices {
@@ -259,14 +299,6 @@ impl Machine {
             let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
             set_lint_virtual_wire(&mut lapic);
             fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-            if index > 0 {
-                // Application processors enter the kernel like the BSP instead of
-                // waiting for INIT/SIPI (no real-mode trampoline).
-                fd.set_mp_state(kvm_bindings::kvm_mp_state {
-                    mp_state: KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-            }
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         Self::start(
