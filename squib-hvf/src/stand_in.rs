@@ -163,9 +163,18 @@ impl StandIn {
             "stand-in read of {range} outside mapped memory"
         );
         let bytes = lock(&self.bytes);
-        for (addr, out) in (gpa..).zip(buf.iter_mut()) {
-            let page = addr & !(GRANULE - 1);
-            *out = bytes.get(&page).map_or(0, |p| p[offset_in_page(addr)]);
+        let mut addr = gpa;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let off = offset_in_page(addr);
+            let n = rest.len().min(GRANULE_BYTES - off);
+            let (chunk, tail) = rest.split_at_mut(n);
+            match bytes.get(&(addr & !(GRANULE - 1))) {
+                Some(p) => chunk.copy_from_slice(&p[off..off + n]),
+                None => chunk.fill(0),
+            }
+            addr += u64::try_from(n).expect("a page length fits u64");
+            rest = tail;
         }
     }
 
