@@ -19,6 +19,7 @@
 
 #![deny(missing_docs)]
 
+pub mod a64;
 pub mod backend;
 pub mod exit;
 pub mod hv;
@@ -26,6 +27,8 @@ pub mod perms;
 #[cfg(any(test, feature = "stand-in"))]
 pub mod stand_in;
 pub mod vcpu;
+pub mod vm;
+pub mod workload;
 
 pub use backend::{HvfBackend, RamError};
 pub use exit::{ExitAction, ExitError, VmmExit, handle_exit};
