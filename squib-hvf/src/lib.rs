@@ -30,6 +30,9 @@ pub mod vcpu;
 pub mod vm;
 pub mod workload;
 
+/// Whether this build runs Hypervisor.framework guests: true on aarch64 macOS only.
+pub const AVAILABLE: bool = cfg!(hvf);
+
 pub use backend::{HvfBackend, RamError};
 pub use exit::{ExitAction, ExitError, VmmExit, handle_exit};
 pub use hv::{Framework, Hv, HvError};

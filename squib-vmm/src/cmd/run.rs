@@ -123,7 +123,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Whatever the backend's runner reports.
 pub fn run(args: RunArgs) -> CmdResult {
     match args.backend {
-        BackendKind::Soft | BackendKind::Kvm | BackendKind::Hvf => {
+        BackendKind::Hvf => super::run_hvf::run(&args),
+        BackendKind::Soft | BackendKind::Kvm => {
             anyhow::bail!("--backend {:?}: not built into this squib yet", args.backend)
         }
     }
