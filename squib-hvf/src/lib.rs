@@ -20,6 +20,8 @@
 #![deny(missing_docs)]
 
 pub mod a64;
+#[cfg(any(test, feature = "stand-in"))]
+pub mod a64_sim;
 pub mod backend;
 pub mod exit;
 pub mod hv;

@@ -9,15 +9,18 @@
 //! the run also shows that write-protecting RAM keeps it executable); the rest of RAM is split
 //! into one granule-aligned slice per vCPU, which that vCPU's loop stores over.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use squib_arch::GpaRange;
-use squib_snapshot::{Policy, TrackError, TrackerCounters};
+use squib_arch::esr::ec;
+use squib_snapshot::{DirtyTracker, Policy, Stage2Backend, TrackError, TrackerCounters};
 
 use crate::a64::{ProgramError, StoreLoop};
 use crate::exit::VmmExit;
 use crate::hv::GRANULE;
-use crate::vcpu::VcpuError;
+use crate::vcpu::{VcpuError, VcpuOps, run_until_vmm_exit};
 use crate::vm::VmError;
 
 /// Where guest RAM starts.
@@ -209,6 +212,36 @@ pub fn layout(run: &StoreLoopRun) -> Result<Vec<VcpuPlan>, RunError> {
         .collect()
 }
 
+/// Makes the vCPUs a run drives: over Hypervisor.framework, or over the stand-in.
+///
+/// `create` is called on the vCPU's own thread (Hypervisor.framework binds a vCPU to the thread
+/// that created it); the handle it returns goes to the host thread, which passes it to `kick` to
+/// make running vCPUs exit.
+pub trait VcpuFactory: Sync {
+    /// The vCPU.
+    type Vcpu: VcpuOps;
+    /// What the host thread holds to stop it.
+    type Handle: Send;
+
+    /// Create vCPU `id`, ready to run at `pc`.
+    ///
+    /// # Errors
+    /// [`RunError`] when the vCPU cannot be created or set up.
+    fn create(&self, id: u32, pc: u64) -> Result<(Self::Vcpu, Self::Handle), RunError>;
+
+    /// Ask the vCPUs behind `handles` to exit (with an exit of reason CANCELED).
+    fn kick(&self, handles: &[Self::Handle]);
+}
+
+/// Reads guest RAM for diffs and verification, from the host thread.
+pub trait RamReader {
+    /// Copy guest memory at `gpa` into `buf`.
+    ///
+    /// # Errors
+    /// [`RunError`] for an access outside guest RAM.
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RunError>;
+}
+
 /// Run the store loop on Hypervisor.framework: not on this host.
 ///
 /// # Errors
@@ -236,89 +269,274 @@ pub fn run(
     native::run(run, on_checkpoint)
 }
 
+/// Run the store loop exactly as [`run`] does, with the stand-in for the framework and an
+/// interpreter for the vCPUs executing the same guest code: the runner, the guest program and
+/// the tracking are exercised on any host.
+///
+/// # Errors
+/// As [`run`].
+#[cfg(any(test, feature = "stand-in"))]
+pub fn run_on_stand_in(
+    run: &StoreLoopRun,
+    on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
+) -> Result<RunReport, RunError> {
+    use std::sync::Arc;
+
+    use squib_snapshot::{DirtyTracker, TrackingConfig};
+
+    use crate::a64_sim::SimFactory;
+    use crate::backend::HvfBackend;
+    use crate::stand_in::StandIn;
+
+    let plans = layout(run)?;
+    let ram = GpaRange::new(RAM_BASE, run.mem).map_err(|_| RunError::BadMem(run.mem))?;
+    let hv = Arc::new(StandIn::new(&[ram]));
+    for p in &plans {
+        hv.write(p.code, &crate::a64::to_bytes(&p.program.program()?));
+    }
+    let backend = HvfBackend::new(Arc::clone(&hv), &[ram]).map_err(VmError::from)?;
+    let tracker = DirtyTracker::new(backend, &[ram], TrackingConfig::new(run.policy))?;
+    drive(run, &plans, &*hv, &SimFactory::new(&hv), &tracker, on_checkpoint)
+}
+
+#[cfg(any(test, feature = "stand-in"))]
+impl RamReader for crate::stand_in::StandIn {
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RunError> {
+        self.read(gpa, buf);
+        Ok(())
+    }
+}
+
+/// One vCPU, on its own thread from creation to destruction: run until its `hvc #0`, or until
+/// the host kicks it after setting `stop`.
+fn vcpu_thread<F: VcpuFactory, B: Stage2Backend>(
+    factory: &F,
+    id: u32,
+    pc: u64,
+    tracker: &DirtyTracker<B>,
+    stop: &AtomicBool,
+    handles: mpsc::Sender<F::Handle>,
+) -> Result<VcpuReport, RunError> {
+    let (mut vcpu, handle) = factory.create(id, pc)?;
+    // The host stops the vCPU through its handle; nothing else leaves this thread.
+    let _ = handles.send(handle);
+    drop(handles);
+    let mut report = VcpuReport::default();
+    loop {
+        let out = run_until_vmm_exit(&mut vcpu, id, tracker)?;
+        report.tracking_faults += out.tracking_faults;
+        match out.exit {
+            VmmExit::Canceled if stop.load(Ordering::Acquire) => return Ok(report),
+            // A stray cancel or a timer the guest never armed: keep running.
+            VmmExit::Canceled | VmmExit::VtimerActivated => {}
+            VmmExit::Exception { esr, .. } if esr.ec() == ec::HVC64 => {
+                report.finished = true;
+                return Ok(report);
+            }
+            exit => return Err(RunError::UnexpectedExit { vcpu: id, exit }),
+        }
+    }
+}
+
+fn copy_diff<R: RamReader + ?Sized>(ram: &R, shadow: &mut [u8], ranges: &[GpaRange]) -> Result<(), RunError> {
+    for r in ranges {
+        let off = usize::try_from(r.start() - RAM_BASE).map_err(|_| RunError::BadMem(r.start()))?;
+        let len = usize::try_from(r.len()).map_err(|_| RunError::BadMem(r.len()))?;
+        ram.read_ram(r.start(), &mut shadow[off..off + len])?;
+    }
+    Ok(())
+}
+
+fn checkpoint<R: RamReader + ?Sized, B: Stage2Backend>(
+    tracker: &DirtyTracker<B>,
+    ram: &R,
+    shadow: &mut [u8],
+    at: Duration,
+) -> Result<CheckpointRecord, RunError> {
+    let stats = tracker
+        .checkpoint(None, |ranges| copy_diff(ram, shadow, ranges))
+        .map_err(|e| RunError::Checkpoint(e.to_string()))?;
+    Ok(CheckpointRecord {
+        at,
+        ranges: stats.ranges,
+        dirty_bytes: stats.dirty_bytes,
+    })
+}
+
+/// The run itself, the same over every platform: base snapshot, start tracking, one thread per
+/// vCPU, checkpoints on the host thread while they run, stop, last checkpoint, verification.
+fn drive<R, F, B>(
+    cfg: &StoreLoopRun,
+    plans: &[VcpuPlan],
+    ram: &R,
+    factory: &F,
+    tracker: &DirtyTracker<B>,
+    on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
+) -> Result<RunReport, RunError>
+where
+    R: RamReader + ?Sized,
+    F: VcpuFactory,
+    B: Stage2Backend,
+{
+    // The base snapshot: RAM as loaded, before the guest runs.
+    let mut shadow = vec![0u8; usize::try_from(cfg.mem).map_err(|_| RunError::BadMem(cfg.mem))?];
+    ram.read_ram(RAM_BASE, &mut shadow)?;
+    tracker.start()?;
+    let stop = AtomicBool::new(false);
+    let mut checkpoints = Vec::new();
+    let started = Instant::now();
+    let results = std::thread::scope(|s| -> Result<Vec<Result<VcpuReport, RunError>>, RunError> {
+        let (tx, rx) = mpsc::channel();
+        let threads: Vec<_> = plans
+            .iter()
+            .zip(0u32..)
+            .map(|(p, id)| {
+                let (tx, stop, pc) = (tx.clone(), &stop, p.code);
+                s.spawn(move || vcpu_thread(factory, id, pc, tracker, stop, tx))
+            })
+            .collect();
+        drop(tx);
+        // Every thread sends its handle or dies, so this ends.
+        let handles: Vec<F::Handle> = rx.iter().collect();
+        let all_done = || threads.iter().all(std::thread::ScopedJoinHandle::is_finished);
+        let mut next = cfg.checkpoint_every;
+        let mut failure = None;
+        while !all_done() && started.elapsed() < cfg.run_for {
+            let now = started.elapsed();
+            if now >= next {
+                match checkpoint(tracker, ram, &mut shadow, now) {
+                    Ok(c) => {
+                        on_checkpoint(&c);
+                        checkpoints.push(c);
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                next += cfg.checkpoint_every;
+            } else {
+                std::thread::sleep((next - now).min(Duration::from_millis(5)));
+            }
+        }
+        stop.store(true, Ordering::Release);
+        while !all_done() {
+            // A vCPU between two runs may miss a kick: keep kicking until all have stopped.
+            factory.kick(&handles);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let results = threads
+            .into_iter()
+            .zip(0u32..)
+            .map(|(t, id)| t.join().unwrap_or(Err(RunError::Panicked(id))))
+            .collect();
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
+    })?;
+    let elapsed = started.elapsed();
+    let vcpus = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // The last epoch closes with the vCPUs stopped.
+    let last = checkpoint(tracker, ram, &mut shadow, elapsed)?;
+    on_checkpoint(&last);
+    checkpoints.push(last);
+    tracker.stop()?;
+
+    let verified_bytes = verify(ram, &shadow)?;
+    for ((p, r), id) in plans.iter().zip(&vcpus).zip(0u32..) {
+        if r.finished {
+            check_slots(ram, id, &p.program)?;
+        }
+    }
+    Ok(RunReport {
+        counters: tracker.counters(),
+        checkpoints,
+        vcpus,
+        verified_bytes,
+        elapsed,
+    })
+}
+
+/// Base + diffs against guest memory, 1 MiB at a time.
+fn verify<R: RamReader + ?Sized>(ram: &R, shadow: &[u8]) -> Result<u64, RunError> {
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut gpa = RAM_BASE;
+    for expected in shadow.chunks(chunk.len()) {
+        let actual = &mut chunk[..expected.len()];
+        ram.read_ram(gpa, actual)?;
+        if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
+            return Err(RunError::LostWrite {
+                gpa: gpa + u64::try_from(i).unwrap_or(0),
+            });
+        }
+        gpa += u64::try_from(expected.len()).map_err(|_| RunError::BadMem(gpa))?;
+    }
+    Ok(gpa - RAM_BASE)
+}
+
+/// A finished vCPU's slots hold its last pass's value.
+fn check_slots<R: RamReader + ?Sized>(ram: &R, id: u32, program: &StoreLoop) -> Result<(), RunError> {
+    let mut got = [0u8; 32];
+    for (gpa, want) in program.expected(program.passes) {
+        ram.read_ram(gpa, &mut got)?;
+        if got != want {
+            return Err(RunError::WrongBytes {
+                vcpu: id,
+                gpa,
+                passes: program.passes,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(hvf)]
 mod native {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::mpsc;
-    use std::time::Instant;
-
-    use applevisor::vcpu::{Reg, VcpuHandle};
+    use applevisor::vcpu::{Reg, Vcpu, VcpuHandle};
     use applevisor::vm::{GicDisabled, VirtualMachineInstance};
-    use squib_arch::esr::ec;
     use squib_snapshot::{DirtyTracker, TrackingConfig};
 
     use super::*;
     use crate::a64::to_bytes;
-    use crate::backend::HvfBackend;
-    use crate::hv::{Framework, HvError};
-    use crate::vcpu::run_until_vmm_exit;
+    use crate::hv::HvError;
     use crate::vm::HvfVm;
 
     /// EL1h with D, A, I and F masked: where the guest starts.
     const CPSR_EL1H_DAIF_MASKED: u64 = 0x3C5;
 
-    type Tracker = DirtyTracker<HvfBackend<Framework>>;
-
     fn hv(call: &'static str) -> impl Fn(applevisor::error::HypervisorError) -> RunError {
         move |e| RunError::Vm(VmError::Hv(HvError::from_applevisor(call, e)))
     }
 
-    /// One vCPU, on its own thread from creation to destruction.
-    fn vcpu_thread(
-        vm: &VirtualMachineInstance<GicDisabled>,
-        id: u32,
-        pc: u64,
-        tracker: &Tracker,
-        stop: &AtomicBool,
-        handles: mpsc::Sender<VcpuHandle>,
-    ) -> Result<VcpuReport, RunError> {
-        let mut vcpu = vm.vcpu_create().map_err(hv("hv_vcpu_create"))?;
-        // The host stops the vCPU through its handle; nothing else leaves this thread.
-        let _ = handles.send(vcpu.get_handle());
-        drop(handles);
-        vcpu.set_reg(Reg::PC, pc).map_err(hv("hv_vcpu_set_reg(PC)"))?;
-        vcpu.set_reg(Reg::CPSR, CPSR_EL1H_DAIF_MASKED)
-            .map_err(hv("hv_vcpu_set_reg(CPSR)"))?;
-        let mut report = VcpuReport::default();
-        loop {
-            let out = run_until_vmm_exit(&mut vcpu, id, tracker)?;
-            report.tracking_faults += out.tracking_faults;
-            match out.exit {
-                VmmExit::Canceled if stop.load(Ordering::Acquire) => return Ok(report),
-                // A stray cancel or a timer the guest never armed: keep running.
-                VmmExit::Canceled | VmmExit::VtimerActivated => {}
-                VmmExit::Exception { esr, .. } if esr.ec() == ec::HVC64 => {
-                    report.finished = true;
-                    return Ok(report);
-                }
-                exit => return Err(RunError::UnexpectedExit { vcpu: id, exit }),
+    /// vCPUs of the process's VM.
+    struct HvfFactory(VirtualMachineInstance<GicDisabled>);
+
+    impl VcpuFactory for HvfFactory {
+        type Vcpu = Vcpu;
+        type Handle = VcpuHandle;
+
+        fn create(&self, _id: u32, pc: u64) -> Result<(Vcpu, VcpuHandle), RunError> {
+            let vcpu = self.0.vcpu_create().map_err(hv("hv_vcpu_create"))?;
+            vcpu.set_reg(Reg::PC, pc).map_err(hv("hv_vcpu_set_reg(PC)"))?;
+            vcpu.set_reg(Reg::CPSR, CPSR_EL1H_DAIF_MASKED)
+                .map_err(hv("hv_vcpu_set_reg(CPSR)"))?;
+            let handle = vcpu.get_handle();
+            Ok((vcpu, handle))
+        }
+
+        fn kick(&self, handles: &[VcpuHandle]) {
+            // A vCPU already destroyed makes the call fail, harmlessly: the rest are asked again.
+            if let Err(e) = self.0.vcpus_exit(handles) {
+                tracing::debug!(error = %e, "hv_vcpus_exit");
             }
         }
     }
 
-    fn copy_diff(vm: &HvfVm, shadow: &mut [u8], ranges: &[GpaRange]) -> Result<(), VmError> {
-        for r in ranges {
-            let off = usize::try_from(r.start() - RAM_BASE).map_err(|_| VmError::TooLarge(*r))?;
-            let len = usize::try_from(r.len()).map_err(|_| VmError::TooLarge(*r))?;
-            vm.read(r.start(), &mut shadow[off..off + len])?;
+    impl RamReader for HvfVm {
+        fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RunError> {
+            Ok(self.read(gpa, buf)?)
         }
-        Ok(())
-    }
-
-    fn checkpoint(
-        tracker: &Tracker,
-        vm: &HvfVm,
-        shadow: &mut [u8],
-        at: Duration,
-    ) -> Result<CheckpointRecord, RunError> {
-        let stats = tracker
-            .checkpoint(None, |ranges| copy_diff(vm, shadow, ranges))
-            .map_err(|e| RunError::Checkpoint(e.to_string()))?;
-        Ok(CheckpointRecord {
-            at,
-            ranges: stats.ranges,
-            dirty_bytes: stats.dirty_bytes,
-        })
     }
 
     pub(super) fn run(
@@ -331,126 +549,10 @@ mod native {
         for p in &plans {
             vm.write(p.code, &to_bytes(&p.program.program()?))?;
         }
-        let tracker = DirtyTracker::new(vm.backend().map_err(VmError::from)?, &[ram], {
-            TrackingConfig::new(cfg.policy)
-        })?;
-        // The base snapshot: RAM as loaded, before the guest runs.
-        let mut shadow = vec![0u8; usize::try_from(cfg.mem).map_err(|_| RunError::BadMem(cfg.mem))?];
-        vm.read(RAM_BASE, &mut shadow)?;
-        tracker.start()?;
-
-        let stop = AtomicBool::new(false);
-        let instance = vm.instance().clone();
-        let mut checkpoints = Vec::new();
-        let started = Instant::now();
-        let results = std::thread::scope(|s| -> Result<Vec<Result<VcpuReport, RunError>>, RunError> {
-            let (tx, rx) = mpsc::channel();
-            let threads: Vec<_> = plans
-                .iter()
-                .zip(0u32..)
-                .map(|(p, id)| {
-                    let (tx, vm, tracker, stop) = (tx.clone(), instance.clone(), &tracker, &stop);
-                    let pc = p.code;
-                    s.spawn(move || vcpu_thread(&vm, id, pc, tracker, stop, tx))
-                })
-                .collect();
-            drop(tx);
-            // Every thread sends its handle or dies, so this ends.
-            let handles: Vec<VcpuHandle> = rx.iter().collect();
-            let all_done = || threads.iter().all(std::thread::ScopedJoinHandle::is_finished);
-            let mut next = cfg.checkpoint_every;
-            let mut failure = None;
-            while !all_done() && started.elapsed() < cfg.run_for {
-                let now = started.elapsed();
-                if now >= next {
-                    match checkpoint(&tracker, &vm, &mut shadow, now) {
-                        Ok(c) => {
-                            on_checkpoint(&c);
-                            checkpoints.push(c);
-                        }
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
-                    next += cfg.checkpoint_every;
-                } else {
-                    std::thread::sleep((next - now).min(Duration::from_millis(5)));
-                }
-            }
-            stop.store(true, Ordering::Release);
-            while !all_done() {
-                // A vCPU between runs takes the request on its next hv_vcpu_run; one already
-                // destroyed makes the call fail, which is harmless: keep asking until all stop.
-                if let Err(e) = instance.vcpus_exit(&handles) {
-                    tracing::debug!(error = %e, "hv_vcpus_exit");
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let results = threads
-                .into_iter()
-                .zip(0u32..)
-                .map(|(t, id)| t.join().unwrap_or(Err(RunError::Panicked(id))))
-                .collect();
-            match failure {
-                Some(e) => Err(e),
-                None => Ok(results),
-            }
-        })?;
-        let elapsed = started.elapsed();
-        let vcpus = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        // The last epoch closes with the vCPUs stopped.
-        let last = checkpoint(&tracker, &vm, &mut shadow, elapsed)?;
-        on_checkpoint(&last);
-        checkpoints.push(last);
-        tracker.stop()?;
-
-        let verified_bytes = verify(&vm, &shadow)?;
-        for ((p, r), id) in plans.iter().zip(&vcpus).zip(0u32..) {
-            if r.finished {
-                check_slots(&vm, id, &p.program)?;
-            }
-        }
-        Ok(RunReport {
-            counters: tracker.counters(),
-            checkpoints,
-            vcpus,
-            verified_bytes,
-            elapsed,
-        })
-    }
-
-    /// Base + diffs against guest memory, 1 MiB at a time.
-    fn verify(vm: &HvfVm, shadow: &[u8]) -> Result<u64, RunError> {
-        let mut chunk = vec![0u8; 1 << 20];
-        let mut gpa = RAM_BASE;
-        for expected in shadow.chunks(chunk.len()) {
-            let actual = &mut chunk[..expected.len()];
-            vm.read(gpa, actual)?;
-            if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
-                return Err(RunError::LostWrite {
-                    gpa: gpa + u64::try_from(i).unwrap_or(0),
-                });
-            }
-            gpa += u64::try_from(expected.len()).map_err(|_| RunError::BadMem(gpa))?;
-        }
-        Ok(gpa - RAM_BASE)
-    }
-
-    /// A finished vCPU's slots hold its last pass's value.
-    fn check_slots(vm: &HvfVm, id: u32, program: &StoreLoop) -> Result<(), RunError> {
-        let mut got = [0u8; 32];
-        for (gpa, want) in program.expected(program.passes) {
-            vm.read(gpa, &mut got)?;
-            if got != want {
-                return Err(RunError::WrongBytes {
-                    vcpu: id,
-                    gpa,
-                    passes: program.passes,
-                });
-            }
-        }
-        Ok(())
+        let backend = vm.backend().map_err(VmError::from)?;
+        let tracker = DirtyTracker::new(backend, &[ram], TrackingConfig::new(cfg.policy))?;
+        let factory = HvfFactory(vm.instance().clone());
+        drive(cfg, &plans, &vm, &factory, &tracker, on_checkpoint)
     }
 }
 
