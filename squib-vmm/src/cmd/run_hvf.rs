@@ -10,7 +10,7 @@ use std::time::Duration;
 use squib_hvf::workload::{self, CheckpointRecord, RunReport, StoreLoopRun};
 
 use super::CmdResult;
-use super::run::RunArgs;
+use super::run::{RunArgs, TrackingKind};
 
 /// What a user sees off Apple Silicon.
 pub const UNAVAILABLE: &str =
@@ -32,6 +32,9 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<StoreLoopRun> {
         anyhow::bail!(
             "--backend hvf runs its built-in guest (--workload store-loop); --trace and --kernel are not supported with it"
         );
+    }
+    if args.tracking == TrackingKind::UffdWp {
+        anyhow::bail!("--tracking uffd-wp is a KVM option; --backend hvf always tracks by stage-2 faults");
     }
     if args.api_sock.is_some() {
         anyhow::bail!("--api-sock is not supported with --backend hvf");
@@ -222,6 +225,7 @@ mod tests {
             (&["--trace", "t.txt"], "--trace"),
             (&["--kernel", "vmlinux"], "--kernel"),
             (&["--api-sock", "/tmp/s"], "--api-sock"),
+            (&["--tracking", "uffd-wp"], "KVM option"),
             (&["--snapshot-dir", "snaps"], "snaps"),
         ] {
             let e = plan(&args(argv)).unwrap_err().to_string();
