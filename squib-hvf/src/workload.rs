@@ -9,18 +9,15 @@
 //! the run also shows that write-protecting RAM keeps it executable); the rest of RAM is split
 //! into one granule-aligned slice per vCPU, which that vCPU's loop stores over.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use squib_arch::GpaRange;
-use squib_arch::esr::ec;
-use squib_snapshot::{DirtyTracker, Policy, Stage2Backend, TrackError, TrackerCounters};
+use squib_snapshot::{Policy, TrackError, TrackerCounters};
 
 use crate::a64::{ProgramError, StoreLoop};
 use crate::exit::VmmExit;
 use crate::hv::GRANULE;
-use crate::vcpu::{VcpuError, VcpuOps, run_until_vmm_exit};
+use crate::vcpu::{VcpuError, VcpuOps};
 use crate::vm::VmError;
 
 /// Where guest RAM starts.
@@ -307,189 +304,210 @@ impl RamReader for crate::stand_in::StandIn {
     }
 }
 
-/// One vCPU, on its own thread from creation to destruction: run until its `hvc #0`, or until
-/// the host kicks it after setting `stop`.
-fn vcpu_thread<F: VcpuFactory, B: Stage2Backend>(
-    factory: &F,
-    id: u32,
-    pc: u64,
-    tracker: &DirtyTracker<B>,
-    stop: &AtomicBool,
-    handles: mpsc::Sender<F::Handle>,
-) -> Result<VcpuReport, RunError> {
-    let (mut vcpu, handle) = factory.create(id, pc)?;
-    // The host stops the vCPU through its handle; nothing else leaves this thread.
-    let _ = handles.send(handle);
-    drop(handles);
-    let mut report = VcpuReport::default();
-    loop {
-        let out = run_until_vmm_exit(&mut vcpu, id, tracker)?;
-        report.tracking_faults += out.tracking_faults;
-        match out.exit {
-            VmmExit::Canceled if stop.load(Ordering::Acquire) => return Ok(report),
-            // A stray cancel or a timer the guest never armed: keep running.
-            VmmExit::Canceled | VmmExit::VtimerActivated => {}
-            VmmExit::Exception { esr, .. } if esr.ec() == ec::HVC64 => {
-                report.finished = true;
-                return Ok(report);
-            }
-            exit => return Err(RunError::UnexpectedExit { vcpu: id, exit }),
-        }
-    }
-}
+/// The run itself, shared by every platform (compiled where a platform exists).
+#[cfg(any(hvf, test, feature = "stand-in"))]
+mod driver {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::Instant;
 
-fn copy_diff<R: RamReader + ?Sized>(ram: &R, shadow: &mut [u8], ranges: &[GpaRange]) -> Result<(), RunError> {
-    for r in ranges {
-        let off = usize::try_from(r.start() - RAM_BASE).map_err(|_| RunError::BadMem(r.start()))?;
-        let len = usize::try_from(r.len()).map_err(|_| RunError::BadMem(r.len()))?;
-        ram.read_ram(r.start(), &mut shadow[off..off + len])?;
-    }
-    Ok(())
-}
+    use squib_arch::esr::ec;
+    use squib_snapshot::{DirtyTracker, Stage2Backend};
 
-fn checkpoint<R: RamReader + ?Sized, B: Stage2Backend>(
-    tracker: &DirtyTracker<B>,
-    ram: &R,
-    shadow: &mut [u8],
-    at: Duration,
-) -> Result<CheckpointRecord, RunError> {
-    let stats = tracker
-        .checkpoint(None, |ranges| copy_diff(ram, shadow, ranges))
-        .map_err(|e| RunError::Checkpoint(e.to_string()))?;
-    Ok(CheckpointRecord {
-        at,
-        ranges: stats.ranges,
-        dirty_bytes: stats.dirty_bytes,
-    })
-}
+    use super::*;
+    use crate::vcpu::run_until_vmm_exit;
 
-/// The run itself, the same over every platform: base snapshot, start tracking, one thread per
-/// vCPU, checkpoints on the host thread while they run, stop, last checkpoint, verification.
-fn drive<R, F, B>(
-    cfg: &StoreLoopRun,
-    plans: &[VcpuPlan],
-    ram: &R,
-    factory: &F,
-    tracker: &DirtyTracker<B>,
-    on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
-) -> Result<RunReport, RunError>
-where
-    R: RamReader + ?Sized,
-    F: VcpuFactory,
-    B: Stage2Backend,
-{
-    // The base snapshot: RAM as loaded, before the guest runs.
-    let mut shadow = vec![0u8; usize::try_from(cfg.mem).map_err(|_| RunError::BadMem(cfg.mem))?];
-    ram.read_ram(RAM_BASE, &mut shadow)?;
-    tracker.start()?;
-    let stop = AtomicBool::new(false);
-    let mut checkpoints = Vec::new();
-    let started = Instant::now();
-    let results = std::thread::scope(|s| -> Result<Vec<Result<VcpuReport, RunError>>, RunError> {
-        let (tx, rx) = mpsc::channel();
-        let threads: Vec<_> = plans
-            .iter()
-            .zip(0u32..)
-            .map(|(p, id)| {
-                let (tx, stop, pc) = (tx.clone(), &stop, p.code);
-                s.spawn(move || vcpu_thread(factory, id, pc, tracker, stop, tx))
-            })
-            .collect();
-        drop(tx);
-        // Every thread sends its handle or dies, so this ends.
-        let handles: Vec<F::Handle> = rx.iter().collect();
-        let all_done = || threads.iter().all(std::thread::ScopedJoinHandle::is_finished);
-        let mut next = cfg.checkpoint_every;
-        let mut failure = None;
-        while !all_done() && started.elapsed() < cfg.run_for {
-            let now = started.elapsed();
-            if now >= next {
-                match checkpoint(tracker, ram, &mut shadow, now) {
-                    Ok(c) => {
-                        on_checkpoint(&c);
-                        checkpoints.push(c);
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
+    /// One vCPU, on its own thread from creation to destruction: run until its `hvc #0`, or until
+    /// the host kicks it after setting `stop`.
+    fn vcpu_thread<F: VcpuFactory, B: Stage2Backend>(
+        factory: &F,
+        id: u32,
+        pc: u64,
+        tracker: &DirtyTracker<B>,
+        stop: &AtomicBool,
+        handles: mpsc::Sender<F::Handle>,
+    ) -> Result<VcpuReport, RunError> {
+        let (mut vcpu, handle) = factory.create(id, pc)?;
+        // The host stops the vCPU through its handle; nothing else leaves this thread.
+        let _ = handles.send(handle);
+        drop(handles);
+        let mut report = VcpuReport::default();
+        loop {
+            let out = run_until_vmm_exit(&mut vcpu, id, tracker)?;
+            report.tracking_faults += out.tracking_faults;
+            match out.exit {
+                VmmExit::Canceled if stop.load(Ordering::Acquire) => return Ok(report),
+                // A stray cancel or a timer the guest never armed: keep running.
+                VmmExit::Canceled | VmmExit::VtimerActivated => {}
+                VmmExit::Exception { esr, .. } if esr.ec() == ec::HVC64 => {
+                    report.finished = true;
+                    return Ok(report);
                 }
-                next += cfg.checkpoint_every;
-            } else {
-                std::thread::sleep((next - now).min(Duration::from_millis(5)));
+                exit => return Err(RunError::UnexpectedExit { vcpu: id, exit }),
             }
         }
-        stop.store(true, Ordering::Release);
-        while !all_done() {
-            // A vCPU between two runs may miss a kick: keep kicking until all have stopped.
-            factory.kick(&handles);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let results = threads
-            .into_iter()
-            .zip(0u32..)
-            .map(|(t, id)| t.join().unwrap_or(Err(RunError::Panicked(id))))
-            .collect();
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(results),
-        }
-    })?;
-    let elapsed = started.elapsed();
-    let vcpus = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-    // The last epoch closes with the vCPUs stopped.
-    let last = checkpoint(tracker, ram, &mut shadow, elapsed)?;
-    on_checkpoint(&last);
-    checkpoints.push(last);
-    tracker.stop()?;
-
-    let verified_bytes = verify(ram, &shadow)?;
-    for ((p, r), id) in plans.iter().zip(&vcpus).zip(0u32..) {
-        if r.finished {
-            check_slots(ram, id, &p.program)?;
-        }
     }
-    Ok(RunReport {
-        counters: tracker.counters(),
-        checkpoints,
-        vcpus,
-        verified_bytes,
-        elapsed,
-    })
+
+    fn copy_diff<R: RamReader + ?Sized>(
+        ram: &R,
+        shadow: &mut [u8],
+        ranges: &[GpaRange],
+    ) -> Result<(), RunError> {
+        for r in ranges {
+            let off = usize::try_from(r.start() - RAM_BASE).map_err(|_| RunError::BadMem(r.start()))?;
+            let len = usize::try_from(r.len()).map_err(|_| RunError::BadMem(r.len()))?;
+            ram.read_ram(r.start(), &mut shadow[off..off + len])?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint<R: RamReader + ?Sized, B: Stage2Backend>(
+        tracker: &DirtyTracker<B>,
+        ram: &R,
+        shadow: &mut [u8],
+        at: Duration,
+    ) -> Result<CheckpointRecord, RunError> {
+        let stats = tracker
+            .checkpoint(None, |ranges| copy_diff(ram, shadow, ranges))
+            .map_err(|e| RunError::Checkpoint(e.to_string()))?;
+        Ok(CheckpointRecord {
+            at,
+            ranges: stats.ranges,
+            dirty_bytes: stats.dirty_bytes,
+        })
+    }
+
+    /// The run itself, the same over every platform: base snapshot, start tracking, one thread per
+    /// vCPU, checkpoints on the host thread while they run, stop, last checkpoint, verification.
+    pub(super) fn drive<R, F, B>(
+        cfg: &StoreLoopRun,
+        plans: &[VcpuPlan],
+        ram: &R,
+        factory: &F,
+        tracker: &DirtyTracker<B>,
+        on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
+    ) -> Result<RunReport, RunError>
+    where
+        R: RamReader + ?Sized,
+        F: VcpuFactory,
+        B: Stage2Backend,
+    {
+        // The base snapshot: RAM as loaded, before the guest runs.
+        let mut shadow = vec![0u8; usize::try_from(cfg.mem).map_err(|_| RunError::BadMem(cfg.mem))?];
+        ram.read_ram(RAM_BASE, &mut shadow)?;
+        tracker.start()?;
+        let stop = AtomicBool::new(false);
+        let mut checkpoints = Vec::new();
+        let started = Instant::now();
+        let results = std::thread::scope(|s| -> Result<Vec<Result<VcpuReport, RunError>>, RunError> {
+            let (tx, rx) = mpsc::channel();
+            let threads: Vec<_> = plans
+                .iter()
+                .zip(0u32..)
+                .map(|(p, id)| {
+                    let (tx, stop, pc) = (tx.clone(), &stop, p.code);
+                    s.spawn(move || vcpu_thread(factory, id, pc, tracker, stop, tx))
+                })
+                .collect();
+            drop(tx);
+            // Every thread sends its handle or dies, so this ends.
+            let handles: Vec<F::Handle> = rx.iter().collect();
+            let all_done = || threads.iter().all(std::thread::ScopedJoinHandle::is_finished);
+            let mut next = cfg.checkpoint_every;
+            let mut failure = None;
+            while !all_done() && started.elapsed() < cfg.run_for {
+                let now = started.elapsed();
+                if now >= next {
+                    match checkpoint(tracker, ram, &mut shadow, now) {
+                        Ok(c) => {
+                            on_checkpoint(&c);
+                            checkpoints.push(c);
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                    next += cfg.checkpoint_every;
+                } else {
+                    std::thread::sleep((next - now).min(Duration::from_millis(5)));
+                }
+            }
+            stop.store(true, Ordering::Release);
+            while !all_done() {
+                // A vCPU between two runs may miss a kick: keep kicking until all have stopped.
+                factory.kick(&handles);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let results = threads
+                .into_iter()
+                .zip(0u32..)
+                .map(|(t, id)| t.join().unwrap_or(Err(RunError::Panicked(id))))
+                .collect();
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(results),
+            }
+        })?;
+        let elapsed = started.elapsed();
+        let vcpus = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // The last epoch closes with the vCPUs stopped.
+        let last = checkpoint(tracker, ram, &mut shadow, elapsed)?;
+        on_checkpoint(&last);
+        checkpoints.push(last);
+        tracker.stop()?;
+
+        let verified_bytes = verify(ram, &shadow)?;
+        for ((p, r), id) in plans.iter().zip(&vcpus).zip(0u32..) {
+            if r.finished {
+                check_slots(ram, id, &p.program)?;
+            }
+        }
+        Ok(RunReport {
+            counters: tracker.counters(),
+            checkpoints,
+            vcpus,
+            verified_bytes,
+            elapsed,
+        })
+    }
+
+    /// Base + diffs against guest memory, 1 MiB at a time.
+    fn verify<R: RamReader + ?Sized>(ram: &R, shadow: &[u8]) -> Result<u64, RunError> {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut gpa = RAM_BASE;
+        for expected in shadow.chunks(chunk.len()) {
+            let actual = &mut chunk[..expected.len()];
+            ram.read_ram(gpa, actual)?;
+            if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
+                return Err(RunError::LostWrite {
+                    gpa: gpa + u64::try_from(i).unwrap_or(0),
+                });
+            }
+            gpa += u64::try_from(expected.len()).map_err(|_| RunError::BadMem(gpa))?;
+        }
+        Ok(gpa - RAM_BASE)
+    }
+
+    /// A finished vCPU's slots hold its last pass's value.
+    fn check_slots<R: RamReader + ?Sized>(ram: &R, id: u32, program: &StoreLoop) -> Result<(), RunError> {
+        let mut got = [0u8; 32];
+        for (gpa, want) in program.expected(program.passes) {
+            ram.read_ram(gpa, &mut got)?;
+            if got != want {
+                return Err(RunError::WrongBytes {
+                    vcpu: id,
+                    gpa,
+                    passes: program.passes,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Base + diffs against guest memory, 1 MiB at a time.
-fn verify<R: RamReader + ?Sized>(ram: &R, shadow: &[u8]) -> Result<u64, RunError> {
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut gpa = RAM_BASE;
-    for expected in shadow.chunks(chunk.len()) {
-        let actual = &mut chunk[..expected.len()];
-        ram.read_ram(gpa, actual)?;
-        if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
-            return Err(RunError::LostWrite {
-                gpa: gpa + u64::try_from(i).unwrap_or(0),
-            });
-        }
-        gpa += u64::try_from(expected.len()).map_err(|_| RunError::BadMem(gpa))?;
-    }
-    Ok(gpa - RAM_BASE)
-}
-
-/// A finished vCPU's slots hold its last pass's value.
-fn check_slots<R: RamReader + ?Sized>(ram: &R, id: u32, program: &StoreLoop) -> Result<(), RunError> {
-    let mut got = [0u8; 32];
-    for (gpa, want) in program.expected(program.passes) {
-        ram.read_ram(gpa, &mut got)?;
-        if got != want {
-            return Err(RunError::WrongBytes {
-                vcpu: id,
-                gpa,
-                passes: program.passes,
-            });
-        }
-    }
-    Ok(())
-}
+#[cfg(any(hvf, test, feature = "stand-in"))]
+use driver::drive;
 
 #[cfg(hvf)]
 mod native {
