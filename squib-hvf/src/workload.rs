@@ -5,6 +5,11 @@
 //! it as a diff is, and after the last checkpoint base + diffs must equal guest memory byte for
 //! byte. A write the tracking missed shows up as a mismatch with its address.
 //!
+//! The run itself is written once, over two small traits ([`VcpuFactory`], [`RamReader`]): on
+//! Apple Silicon they are applevisor's vCPUs and memory ([`run`]); on any host the stand-in and
+//! an interpreter executing the same guest bytes (`run_on_stand_in`, feature `stand-in`), so the
+//! code a Mac runs is the code the Linux tests run, down to the platform layer.
+//!
 //! Layout: vCPU `i`'s code is the 16 KiB page at `RAM_BASE + i * 16 KiB`, inside tracked RAM (so
 //! the run also shows that write-protecting RAM keeps it executable); the rest of RAM is split
 //! into one granule-aligned slice per vCPU, which that vCPU's loop stores over.
