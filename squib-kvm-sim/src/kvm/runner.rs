@@ -19,20 +19,29 @@ use super::guest::Workload;
 use super::uffd::UffdWpBackend;
 use super::vm::{KvmBackend, KvmError, KvmVm, VmConfig};
 
-/// Resolve one userfaultfd write-protect fault at `gpa` through the tracker's fault path (which
-/// marks the unit and re-grants it, waking the writer). A fault the tracker refuses is still
-/// un-protected, so no thread is left blocked; the refusal is logged.
+/// Resolve one userfaultfd write-protect fault at `gpa`: the tracker's fault path re-grants the
+/// unit and marks it, and only then is the writer woken (see [`super::uffd`] for why the order
+/// matters). A fault the tracker refuses is still un-protected and woken, so no thread is left
+/// blocked; the refusal is logged.
 pub fn resolve_fault<B: Stage2Backend>(tracker: &DirtyTracker<B>, uffd: &UffdWpBackend, gpa: u64) {
     let fault = GuestFault {
         gpa,
         write: true,
         vcpu: 0,
     };
-    if let Err(e) = tracker.on_write_fault(fault) {
-        tracing::error!(gpa, error = %e, "uffd-wp fault not tracked; un-protecting the page");
-        if let Ok(page) = GpaRange::new(gpa & !4095, 4096) {
-            let _ = uffd.grant_write(page);
+    let page = GpaRange::new(gpa & !4095, 4096);
+    let woken = match tracker.on_write_fault(fault) {
+        Ok(out) => uffd.wake(out.unit),
+        Err(e) => {
+            tracing::error!(gpa, error = %e, "uffd-wp fault not tracked; un-protecting the page");
+            match page {
+                Ok(p) => uffd.grant_write(p).and_then(|()| uffd.wake(p)),
+                Err(_) => Ok(()),
+            }
         }
+    };
+    if let Err(e) = woken {
+        tracing::error!(gpa, error = %e, "waking a uffd-wp writer failed");
     }
 }
 
@@ -76,8 +85,7 @@ impl FaultServer {
                     return Ok(());
                 };
                 while !s.load(Ordering::Acquire) {
-                    // Counted before the re-grant wakes the writer, so a writer that resumed
-                    // is always counted.
+                    // Counted before the writer is woken, so a writer that resumed is counted.
                     uffd.serve(Duration::from_millis(20), &mut |gpa| {
                         n.fetch_add(1, Ordering::Relaxed);
                         resolve_fault(&t, uffd, gpa);
