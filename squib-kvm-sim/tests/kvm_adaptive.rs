@@ -1,6 +1,7 @@
 //! The core's adaptive policy on real hardware: uffd-wp faults reach the same fault path as HVF's,
 //! so a guest filling blocks gets them granted whole, and its diffs still hold exactly what it
 //! wrote.
+#![cfg(target_os = "linux")]
 mod kvm_support;
 
 use kvm_support::{kvm_or_skip, split_layout};

@@ -1,4 +1,5 @@
 //! The VM itself: guest programs run in 64-bit user mode and write where they are told.
+#![cfg(target_os = "linux")]
 mod kvm_support;
 
 use std::time::Duration;
