@@ -19,10 +19,34 @@ use super::guest::Workload;
 use super::uffd::UffdWpBackend;
 use super::vm::{KvmBackend, KvmError, KvmVm, VmConfig};
 
-/// Wait up to `timeout` for userfaultfd write-protect faults and resolve each through the
-/// tracker's fault path (which marks the unit and re-grants it, waking the writer). A fault the
-/// tracker refuses is still un-protected, so no thread is left blocked; the refusal is logged.
-/// Returns the faults served.
+/// Resolve one userfaultfd write-protect fault at `gpa`: the tracker's fault path re-grants the
+/// unit and marks it, and only then is the writer woken (see [`super::uffd`] for why the order
+/// matters). A fault the tracker refuses is still un-protected and woken, so no thread is left
+/// blocked; the refusal is logged.
+pub fn resolve_fault<B: Stage2Backend>(tracker: &DirtyTracker<B>, uffd: &UffdWpBackend, gpa: u64) {
+    let fault = GuestFault {
+        gpa,
+        write: true,
+        vcpu: 0,
+    };
+    let page = GpaRange::new(gpa & !4095, 4096);
+    let woken = match tracker.on_write_fault(fault) {
+        Ok(out) => uffd.wake(out.unit),
+        Err(e) => {
+            tracing::error!(gpa, error = %e, "uffd-wp fault not tracked; un-protecting the page");
+            match page {
+                Ok(p) => uffd.grant_write(p).and_then(|()| uffd.wake(p)),
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = woken {
+        tracing::error!(gpa, error = %e, "waking a uffd-wp writer failed");
+    }
+}
+
+/// Wait up to `timeout` for userfaultfd write-protect faults and resolve each with
+/// [`resolve_fault`]. Returns the faults served.
 ///
 /// # Errors
 /// [`BackendError`] when the descriptor cannot be polled or read.
@@ -31,19 +55,7 @@ pub fn serve_faults<B: Stage2Backend>(
     uffd: &UffdWpBackend,
     timeout: Duration,
 ) -> Result<usize, BackendError> {
-    uffd.serve(timeout, &mut |gpa| {
-        let fault = GuestFault {
-            gpa,
-            write: true,
-            vcpu: 0,
-        };
-        if let Err(e) = tracker.on_write_fault(fault) {
-            tracing::error!(gpa, error = %e, "uffd-wp fault not tracked; un-protecting the page");
-            if let Ok(page) = GpaRange::new(gpa & !4095, 4096) {
-                let _ = uffd.grant_write(page);
-            }
-        }
-    })
+    uffd.serve(timeout, &mut |gpa| resolve_fault(tracker, uffd, gpa))
 }
 
 /// The thread serving a `uffd-wp` VM's write-protect faults.
@@ -73,8 +85,11 @@ impl FaultServer {
                     return Ok(());
                 };
                 while !s.load(Ordering::Acquire) {
-                    let k = serve_faults(&t, uffd, Duration::from_millis(20))?;
-                    n.fetch_add(k as u64, Ordering::Relaxed);
+                    // Counted before the writer is woken, so a writer that resumed is counted.
+                    uffd.serve(Duration::from_millis(20), &mut |gpa| {
+                        n.fetch_add(1, Ordering::Relaxed);
+                        resolve_fault(&t, uffd, gpa);
+                    })?;
                 }
                 Ok(())
             })

@@ -18,6 +18,7 @@ pub use linux::run;
 
 #[cfg(target_os = "linux")]
 mod linux {
+    use std::io::Write;
     use std::time::Duration;
 
     use anyhow::Context as _;
@@ -78,15 +79,20 @@ mod linux {
             .tracking
             .cost
             .cost_us(t.faults, t.protect_calls, t.dirty_bytes);
-        if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json(&report, spec, cost, &cfg, args))?
-            );
+        let mut out = std::io::stdout().lock();
+        let printed = if args.json {
+            let text = serde_json::to_string_pretty(&json(&report, spec, cost, &cfg, args))?;
+            writeln!(out, "{text}")
         } else {
-            print_summary(&report, spec, cost, args, &cfg);
+            print_summary(&mut out, &report, spec, cost, args, &cfg)
+        };
+        match printed {
+            // A reader that went away (`| head`) is not an error of the run.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(anyhow::Error::new(e).context("writing the summary"))
+            }
+            _ => Ok(std::process::ExitCode::SUCCESS),
         }
-        Ok(std::process::ExitCode::SUCCESS)
     }
 
     const fn tracking_name(t: Tracking) -> &'static str {
@@ -142,35 +148,47 @@ mod linux {
         b as f64 / f64::from(1u32 << 20)
     }
 
-    fn print_summary(r: &RunReport, spec: &str, cost: f64, args: &RunArgs, cfg: &RunConfig) {
+    fn print_summary(
+        out: &mut impl Write,
+        r: &RunReport,
+        spec: &str,
+        cost: f64,
+        args: &RunArgs,
+        cfg: &RunConfig,
+    ) -> std::io::Result<()> {
         let t = &r.tracker;
         let slots: Vec<String> = cfg.vm.layout.ram().iter().map(ToString::to_string).collect();
-        println!(
+        writeln!(
+            out,
             "squib run: kvm backend ({} tracking), {} MiB in memslots {}, {} vCPU(s), workload {spec}, policy {}",
             tracking_name(cfg.vm.tracking),
             args.mem >> 20,
             slots.join(" + "),
             args.vcpus,
             args.policy
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "ran {:.2} s: {} guest writes, {} progress exits, {} uffd faults served",
             r.elapsed.as_secs_f64(),
             r.writes,
             r.progress_exits,
             r.faults_served
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "faults {}  re-grants {}  protect calls {}  step-downs {}  step-ups {}",
             t.faults, t.regrants, t.protect_calls, t.step_downs, t.step_ups
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "checkpoints {} (live, every {}; the last, with vCPUs paused, closes the run), dirty MiB per checkpoint:",
             r.checkpoints.len(),
             humantime::format_duration(cfg.checkpoint_every)
-        );
+        )?;
         for c in &r.checkpoints {
-            println!(
+            writeln!(
+                out,
                 "  #{:<4} at {:>9.1} ms  {:>9.2} MiB in {:>6} ranges  ({:.0} µs){}",
                 c.index,
                 c.at_ms,
@@ -178,20 +196,23 @@ mod linux {
                 c.ranges,
                 c.took_us,
                 if c.paused { "  paused" } else { "" }
-            );
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "total dirty {:.2} MiB; modelled cost {:.0} µs",
             mib(t.dirty_bytes),
             cost
-        );
+        )?;
         if let Some(dir) = &args.snapshot_dir {
-            println!(
+            writeln!(
+                out,
                 "note: snapshot files are not written by this build; {} checkpoints were reported, nothing was saved to {}",
                 r.checkpoints.len(),
                 dir.display()
-            );
+            )?;
         }
+        Ok(())
     }
 }
 
