@@ -31,7 +31,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, bitmap::
 use crate::backend::{BackendError, GuestFault, Stage2Backend};
 use crate::bitmap::DirtyBitmap;
 use crate::policy::{
-    BlockHistory, BlockMode, ConfigError, EpochObservation, Policy, TrackingConfig, adaptive_next,
+    BlockHistory, BlockMode, ConfigError, EpochObservation, HoldLimits, Policy, TrackingConfig, adaptive_next,
 };
 use crate::sync::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
@@ -233,6 +233,8 @@ pub struct DirtyTracker<B> {
     block_shift: u32,
     unit_shift: u32,
     escalate_at: u32,
+    /// The adaptive policy's probe spacing, from the cost model.
+    hold: HoldLimits,
     regions: Box<[Region]>,
     counters: Counters,
     state: Mutex<CheckpointState>,
@@ -313,6 +315,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             block_shift,
             unit_shift,
             escalate_at,
+            hold: HoldLimits::new(&config.cost, &geometry, config.max_probe_interval),
             regions: built.into_boxed_slice(),
             counters: Counters::default(),
             state: Mutex::new(state),
@@ -667,7 +670,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 escalated: start == BlockMode::Fine && now == BlockMode::Coarse,
                 dirty: coarse_dirty || fine_dirty,
             };
-            let next = adaptive_next(&mut st.history[ri][b], obs, self.config.max_probe_interval);
+            let next = adaptive_next(&mut st.history[ri][b], obs, self.hold);
             if next != now {
                 r.modes[b].store(next as u8, Ordering::Release);
                 match next {
