@@ -161,7 +161,10 @@ fn test_should_leave_holes_for_zero_pages_in_a_full_snapshot() {
     fill(&mem, 0x10_0000, 0x1000, 1);
     let mut chain = ChainWriter::create(dir.path()).unwrap();
     let full = chain.save(&mem, &[], &meta()).unwrap();
-    assert_eq!(full.written_bytes, 0x1000, "only the one non-zero page is written");
+    assert_eq!(
+        full.written_bytes, 0x1000,
+        "only the one non-zero page is written"
+    );
     assert_eq!(full.extent_bytes, 6 << 20);
     let md = std::fs::metadata(full.dir.join("memory")).unwrap();
     assert_eq!(md.len(), 6 << 20);
