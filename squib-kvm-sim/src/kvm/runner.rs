@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use squib_arch::GpaRange;
 use squib_snapshot::{BackendError, DirtyTracker, GuestFault, Stage2Backend, TrackError, TrackingConfig};
 
-use vm_memory::{GuestMemoryMmap, bitmap::AtomicBitmap};
-
 use super::guest::Workload;
 use super::uffd::UffdWpBackend;
 use super::vm::{KvmBackend, KvmError, KvmVm, VmConfig};
@@ -178,40 +176,7 @@ impl Machine {
     }
 }
 
-/// Receives each checkpoint's dirty ranges while the guest keeps running: a diff snapshot
-/// writer, or an accountant.
-pub trait CheckpointSink {
-    /// What writing can fail with; the tracker folds the ranges back on failure.
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// Save `ranges` (sorted, coalesced) of `mem` as checkpoint `index` (0 is the first). Runs
-    /// after the ranges were re-protected, while vCPUs may be writing.
-    ///
-    /// # Errors
-    /// Whatever the writer reports.
-    fn write(
-        &mut self,
-        index: u64,
-        ranges: &[GpaRange],
-        mem: &GuestMemoryMmap<AtomicBitmap>,
-    ) -> Result<(), Self::Error>;
-}
-
-/// A sink that saves nothing: the run's records are the report.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CountingSink;
-
-impl CheckpointSink for CountingSink {
-    type Error = std::convert::Infallible;
-    fn write(
-        &mut self,
-        _: u64,
-        _: &[GpaRange],
-        _: &GuestMemoryMmap<AtomicBitmap>,
-    ) -> Result<(), Self::Error> {
-        Ok(())
-    }
-}
+pub use squib_snapshot::{CheckpointSink, CountingSink};
 
 /// How to run a KVM guest.
 #[derive(Debug, Clone)]
