@@ -158,9 +158,9 @@ impl CostModel {
 }
 
 /// How long the adaptive policy may hold a dense block coarse between probes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct HoldLimits {
-    /// Spacing after a first escalation, and the floor of every later spacing.
+    /// The floor of the spacing once the block has a dense history.
     pub min: u16,
     /// Ceiling of the spacing.
     pub max: u16,
@@ -168,16 +168,63 @@ pub(crate) struct HoldLimits {
     /// this (but never below `min`): a block that turns sparse after being dense for `n` epochs
     /// is held at most about `n / held_divisor` epochs too long.
     pub held_divisor: u16,
+    /// When non-zero, the floor ramps up to `min` with the block's dense history:
+    /// `ceil(held × ramp)`. A block that escalated once is re-measured soon (it may have been a
+    /// burst). Only used where a probe is cheap against a wrong hold (under a quarter of a coarse
+    /// block-epoch); where it is dear the floor is `min` at once.
+    pub ramp: f64,
+    /// Cost of a coarse block-epoch, µs.
+    pub block_cost: f64,
+    /// Cost of one fine unit (its fault and its bytes), µs.
+    pub unit_cost: f64,
+    /// Extra cost of a probe of a block that is still dense, µs.
+    pub probe_cost: f64,
 }
 
 impl HoldLimits {
     /// The limits a tracker uses.
     pub(crate) fn new(cost: &CostModel, geometry: &PageGeometry, max_probe_interval: u16) -> Self {
+        let k = f64::from(cost.escalate_at(geometry));
+        #[allow(clippy::cast_precision_loss)] // sizes are at most a few MiB
+        let block_cost = cost.fault_us + geometry.tracking_default as f64 / cost.write_bytes_per_us;
+        let probe = (k - 1.0) * cost.fault_us;
+        let ratio = if block_cost > 0.0 {
+            4.0 * probe / block_cost
+        } else {
+            f64::INFINITY
+        };
+        #[allow(clippy::cast_precision_loss)] // sizes are at most a few MiB
+        let unit_cost = cost.fault_us + geometry.tracking_hot as f64 / cost.write_bytes_per_us;
         Self {
             min: cost.min_probe_interval(geometry).min(max_probe_interval),
             max: max_probe_interval,
             held_divisor: 8,
+            ramp: if ratio < 1.0 { ratio } else { 0.0 },
+            block_cost,
+            unit_cost,
+            probe_cost: probe,
         }
+    }
+
+    /// Whether a sparse epoch of `units` dirty units, right after the block was dense, shows that
+    /// holding it coarse loses more than a probe costs: only then is it a flip worth reacting to.
+    fn flip_pays(&self, units: u32) -> bool {
+        self.block_cost - f64::from(units) * self.unit_cost > self.probe_cost
+    }
+
+    /// The floor of the spacing for a block with `held` confirmed dense epochs.
+    fn floor(&self, held: u32) -> u16 {
+        if self.ramp <= 0.0 {
+            return self.min;
+        }
+        let f = (f64::from(held) * self.ramp).ceil();
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to u16
+        let f = if f.is_finite() {
+            f.clamp(1.0, f64::from(u16::MAX)) as u16
+        } else {
+            self.min
+        };
+        f.clamp(1, self.min.max(1))
     }
 
     /// Pure doubling from 1 up to `max`.
@@ -187,6 +234,10 @@ impl HoldLimits {
             min: 1,
             max,
             held_divisor: 0,
+            ramp: 0.0,
+            block_cost: f64::INFINITY,
+            unit_cost: 0.0,
+            probe_cost: 0.0,
         }
     }
 }
@@ -303,6 +354,8 @@ pub(crate) struct EpochObservation {
     pub escalated: bool,
     /// It was written (any unit dirty).
     pub dirty: bool,
+    /// Fine units it had dirty (meaningful when it started fine and did not escalate).
+    pub units: u32,
 }
 
 /// The adaptive policy's memory of one block: when it next probes, how far apart probes are, and
@@ -319,6 +372,10 @@ pub(crate) struct BlockHistory {
     /// Flip score: raised when the block was found sparse right after being dense, lowered by
     /// each escalation. While it is above zero the block is not held coarse.
     flips: u8,
+    /// Near score: raised when the block was found below break-even right after being dense, but
+    /// by too little for holding it to have cost more than a probe; lowered by each escalation.
+    /// It raises the escalation point (as flips do) without stopping holds.
+    near: u8,
     /// Clean epochs in a row while held coarse.
     idle: u16,
     /// Dirty epochs the block has been dense (escalated or held coarse) since it was last found
@@ -328,6 +385,17 @@ pub(crate) struct BlockHistory {
     gap: u16,
     /// The last wake-up (a dirty epoch after clean ones) that was tracked finely proved dense.
     wakes_dense: bool,
+}
+
+impl BlockHistory {
+    /// The fault count at which this block escalates within an epoch: the break-even `k`, raised
+    /// up to `2k` (at most `max`, the hot units per block) while its density flips. A block whose
+    /// density hovers near break-even would otherwise escalate in every epoch that just crosses
+    /// it, paying the escalation faults on top of a whole block it barely needed.
+    pub(crate) fn escalate_at(&self, k: u32, max: u32) -> u32 {
+        let extra = k.saturating_mul(u32::from(self.flips.max(self.near))) / u32::from(FLIP_MAX);
+        k.saturating_add(extra).min(max.max(k))
+    }
 }
 
 /// How much one dense-to-sparse flip raises a block's flip score, and its ceiling.
@@ -366,6 +434,7 @@ pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits:
         if woke {
             h.wakes_dense = true;
         }
+        h.near = h.near.saturating_sub(1);
         h.last_dense = true;
         h.idle = 0;
         h.held = h.held.saturating_add(1);
@@ -376,15 +445,16 @@ pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits:
         }
         // Dense enough that the whole block was cheaper. A probe that escalates again doubles the
         // spacing of the next probe; a first escalation probes again soon.
-        let mut cap = limits.max.max(limits.min);
+        let floor = limits.floor(h.held);
+        let mut cap = limits.max.max(floor);
         if limits.held_divisor > 0 {
             let by_held = u16::try_from(h.held / u32::from(limits.held_divisor)).unwrap_or(u16::MAX);
-            cap = cap.min(by_held.max(limits.min));
+            cap = cap.min(by_held.max(floor));
         }
         h.probe_interval = if was_probe {
-            h.probe_interval.saturating_mul(2).clamp(limits.min, cap)
+            h.probe_interval.saturating_mul(2).clamp(floor, cap)
         } else {
-            limits.min
+            floor
         };
         h.until_probe = h.probe_interval;
         return BlockMode::Coarse;
@@ -417,8 +487,13 @@ pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits:
         BlockMode::Fine => {
             if obs.dirty {
                 if h.last_dense {
-                    // Dense last time it was measured, sparse now: the density flips.
-                    h.flips = h.flips.saturating_add(FLIP_STEP).min(FLIP_MAX);
+                    if limits.flip_pays(obs.units) {
+                        // Dense last time it was measured, sparse now: the density flips.
+                        h.flips = h.flips.saturating_add(FLIP_STEP).min(FLIP_MAX);
+                    } else {
+                        // Below break-even, but close: escalating it barely pays.
+                        h.near = h.near.saturating_add(FLIP_STEP).min(FLIP_MAX);
+                    }
                 }
                 h.last_dense = false;
                 h.held = 0;
@@ -503,11 +578,13 @@ mod tests {
             start: BlockMode::Fine,
             escalated: true,
             dirty: true,
+            units: 1,
         };
         let coarse_dirty = EpochObservation {
             start: BlockMode::Coarse,
             escalated: false,
             dirty: true,
+            units: 1,
         };
         assert_eq!(
             adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
@@ -549,26 +626,31 @@ mod tests {
         start: BlockMode::Fine,
         escalated: true,
         dirty: true,
+        units: 0,
     };
     const COARSE_DIRTY: EpochObservation = EpochObservation {
         start: BlockMode::Coarse,
         escalated: false,
         dirty: true,
+        units: 1,
     };
     const COARSE_CLEAN: EpochObservation = EpochObservation {
         start: BlockMode::Coarse,
         escalated: false,
         dirty: false,
+        units: 0,
     };
     const FINE_SPARSE: EpochObservation = EpochObservation {
         start: BlockMode::Fine,
         escalated: false,
         dirty: true,
+        units: 1,
     };
     const FINE_CLEAN: EpochObservation = EpochObservation {
         start: BlockMode::Fine,
         escalated: false,
         dirty: false,
+        units: 0,
     };
 
     #[test]
@@ -652,12 +734,66 @@ mod tests {
     }
 
     #[test]
+    fn test_should_raise_the_escalation_point_but_keep_holding_a_block_just_below_break_even() {
+        // A coarse block-epoch costs 100, a unit 10, a probe 50: 8 units save only 20 over
+        // coarse, less than a probe, so that is not a flip; 1 unit saves 90, which is.
+        let limits = HoldLimits {
+            min: 1,
+            max: 64,
+            held_divisor: 0,
+            ramp: 0.0,
+            block_cost: 100.0,
+            unit_cost: 10.0,
+            probe_cost: 50.0,
+        };
+        let sparse = |units| EpochObservation {
+            start: BlockMode::Fine,
+            escalated: false,
+            dirty: true,
+            units,
+        };
+        let mut near = BlockHistory::default();
+        assert_eq!(adaptive_next(&mut near, ESC, limits), BlockMode::Coarse);
+        assert_eq!(adaptive_next(&mut near, COARSE_DIRTY, limits), BlockMode::Fine);
+        assert_eq!(adaptive_next(&mut near, sparse(8), limits), BlockMode::Fine);
+        assert_eq!(near.escalate_at(9, 128), 9 + 9 * 4 / 8);
+        assert_eq!(
+            adaptive_next(&mut near, ESC, limits),
+            BlockMode::Coarse,
+            "still held"
+        );
+        let mut flip = BlockHistory::default();
+        adaptive_next(&mut flip, ESC, limits);
+        adaptive_next(&mut flip, COARSE_DIRTY, limits);
+        adaptive_next(&mut flip, sparse(1), limits);
+        assert_eq!(flip.escalate_at(9, 128), 13);
+        assert_eq!(adaptive_next(&mut flip, ESC, limits), BlockMode::Fine, "not held");
+        assert_eq!(BlockHistory::default().escalate_at(115, 128), 115);
+        let mut capped = flip;
+        capped.flips = FLIP_MAX;
+        assert_eq!(capped.escalate_at(115, 128), 128);
+    }
+
+    #[test]
+    fn test_should_space_probes_by_what_they_cost() {
+        let g = PageGeometry::APPLE_SILICON;
+        assert_eq!(CostModel::default().min_probe_interval(&g), 3);
+        let nested = CostModel {
+            fault_us: 50.0,
+            protect_us: 120.0,
+            write_bytes_per_us: 5000.0,
+        };
+        assert_eq!(nested.min_probe_interval(&g), 18);
+    }
+
+    #[test]
     fn test_should_return_a_clean_coarse_block_to_fine() {
         let mut h = BlockHistory::default();
         let clean = EpochObservation {
             start: BlockMode::Coarse,
             escalated: false,
             dirty: false,
+            units: 0,
         };
         assert_eq!(
             adaptive_next(&mut h, clean, HoldLimits::doubling(64)),
@@ -667,6 +803,7 @@ mod tests {
             start: BlockMode::Fine,
             escalated: false,
             dirty: true,
+            units: 1,
         };
         assert_eq!(
             adaptive_next(&mut h, sparse, HoldLimits::doubling(64)),

@@ -326,3 +326,72 @@ fn print_table(args: &ReplayArgs, reports: &[(ReplayReport, Duration)]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        c: TraceCommand,
+    }
+
+    #[test]
+    fn test_should_parse_replay_flags_with_design_md_defaults() {
+        let Cli {
+            c: TraceCommand::Replay(a),
+        } = Cli::try_parse_from(["t", "replay", "x.trace"]).unwrap()
+        else {
+            panic!("not a replay");
+        };
+        assert_eq!(
+            (a.format, a.geometry, a.policy.as_str()),
+            (FormatArg::Squib, GeometryArg::AppleSilicon, "adaptive")
+        );
+        assert_eq!(a.checkpoint_every, Duration::from_millis(100));
+        assert_eq!(
+            (a.fault_us, a.protect_us, a.write_bytes_per_us, a.ns_per_instr),
+            (4.0, 120.0, 500.0, 0.5)
+        );
+        let Cli {
+            c: TraceCommand::Replay(a),
+        } = Cli::try_parse_from([
+            "t",
+            "replay",
+            "-",
+            "--format",
+            "lackey",
+            "--geometry",
+            "x86-64",
+            "--mem",
+            "64M",
+            "--checkpoint-every",
+            "5ms",
+        ])
+        .unwrap()
+        else {
+            panic!("not a replay");
+        };
+        assert_eq!(
+            (a.format, a.geometry, a.mem),
+            (FormatArg::Lackey, GeometryArg::X86_64, Some(64 << 20))
+        );
+        assert!(Cli::try_parse_from(["t", "replay", "x", "--mem", "12Q"]).is_err());
+    }
+
+    #[test]
+    fn test_should_refuse_an_unknown_policy_and_all_on_standard_input() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap() {
+            Cli {
+                c: TraceCommand::Replay(a),
+            } => a,
+            _ => panic!("not a replay"),
+        };
+        let err = replay_cmd(&parse(&["t", "replay", "x", "--policy", "medium"])).unwrap_err();
+        assert!(err.to_string().contains("medium"), "{err}");
+        let err = replay_cmd(&parse(&["t", "replay", "-", "--policy", "all"])).unwrap_err();
+        assert!(err.to_string().contains("standard input"), "{err}");
+    }
+}
