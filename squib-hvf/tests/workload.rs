@@ -42,8 +42,12 @@ fn test_should_run_every_pass_and_find_base_plus_diffs_equal_to_guest_memory() {
             faults >= 2 * 64,
             "{policy}: every data page faults at least once, got {faults}"
         );
-        // Each diff holds only pages the loops write (not the code pages), so none is all of RAM.
-        assert!(report.checkpoints.iter().all(|c| c.dirty_bytes < run.mem));
+        // Under `fine` each diff holds only pages the loops write (not the code pages), so none
+        // is all of RAM. (Under `adaptive` an epoch dense enough to escalate saves the whole
+        // block, which is all of this 2 MiB RAM.)
+        if policy == Policy::Fine {
+            assert!(report.checkpoints.iter().all(|c| c.dirty_bytes < run.mem));
+        }
     }
 }
 

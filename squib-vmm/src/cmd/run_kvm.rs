@@ -295,6 +295,8 @@ mod tests {
             return;
         }
         for tracking in ["dirty-log", "uffd-wp"] {
+            let dir = tempfile::tempdir().unwrap();
+            let chain = dir.path().join("chain");
             let a = args(&[
                 "--backend",
                 "kvm",
@@ -309,13 +311,18 @@ mod tests {
                 "--snapshot-every",
                 "50ms",
                 "--snapshot-dir",
-                "/nonexistent-squib-test",
+                chain.to_str().unwrap(),
                 "--for",
                 "150ms",
                 "--json",
             ]);
             let code = super::run(&a).unwrap();
             assert_eq!(code, std::process::ExitCode::SUCCESS, "{tracking}");
+            let saved = std::fs::read_dir(&chain).unwrap().count();
+            assert!(
+                saved >= 2,
+                "{tracking}: a full base and at least one diff, got {saved}"
+            );
         }
     }
 }
