@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
 
-use http::{HttpError, Response, read_request};
+use http::{HttpError, Response, read_request_answering};
 use vmm::Vmm;
 
 /// Removes the socket file when the server ends.
@@ -38,7 +38,7 @@ fn serve_connection(stream: UnixStream, vmm: &Mutex<Vmm>) {
     let mut writer = write_half;
     let mut reader = BufReader::new(stream);
     loop {
-        let response = match read_request(&mut reader) {
+        let response = match read_request_answering(&mut reader, &mut writer) {
             Ok(req) => vmm.lock().handle(&req),
             Err(HttpError::Closed | HttpError::Io(_)) => return,
             Err(e @ HttpError::Bad(_)) => {
