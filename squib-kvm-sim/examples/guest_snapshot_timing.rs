@@ -3,7 +3,9 @@
 //! Boots the guest (2 vCPUs, 512 MiB, dirty tracking on), then times: start to
 //! the first `COUNTER` line, pause, a full snapshot into squib's snapshot
 //! directory format (all-zero pages left as holes, files and directory
-//! fsynced), three diffs taken ~300 ms of guest time apart, the merge, and
+//! fsynced), three diffs taken ~300 ms apart with the guest paused
+//! throughout, three live diffs (paused only to capture and copy the dirty
+//! pages; written after the resume), the merge, and
 //! loads to running (snapshot read or mapped, then `Machine::restore`) of the
 //! full base, of the chain and of the merge. Needs `/dev/kvm`. Run (release:
 //! the figures in `docs/perf.md`):
@@ -17,7 +19,7 @@ fn main() {
     use std::time::{Duration, Instant};
 
     use squib_kvm_sim::machine::guest::{check, parse};
-    use squib_kvm_sim::machine::snapshot::{self, Target};
+    use squib_kvm_sim::machine::snapshot::{self, Staging, Target};
     use squib_kvm_sim::machine::{Capture, Console, GUEST_KERNEL, Machine, MachineConfig, RestoreOptions};
     use squib_snapshot::snapshot::{ChainWriter, RestoreMode, merge};
 
@@ -71,24 +73,36 @@ fn main() {
         let t = Instant::now();
         let d = snapshot::save(&machine, Target::Chain(&mut chain)).expect("diff");
         let create = t.elapsed();
-        if i < 2 {
-            machine.resume();
-        }
+        machine.resume();
         println!(
-            "diff {i}: {} KiB in {} extents; pause {paused:?}; diff create {create:?}",
+            "diff {i} (paused throughout): {} KiB in {} extents; pause {paused:?}; diff create {create:?}",
             d.extent_bytes >> 10,
             d.extents
         );
     }
+    let staging = Staging::for_machine(&machine).expect("staging");
+    let mut before = String::new();
+    for i in 3..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let live = snapshot::save_live_diff(&machine, &mut chain, &staging, || before = capture.text())
+            .expect("live diff");
+        println!(
+            "diff {i} (live): {} KiB in {} extents; guest paused {:?}; diff create {:?}",
+            live.saved.extent_bytes >> 10,
+            live.saved.extents,
+            live.paused,
+            t.elapsed()
+        );
+    }
     let leaf = chain.leaf().expect("leaf");
-    let before = capture.text();
     let at_pause = parse(&before).last().expect("a line").counter;
     drop(machine);
 
     let merged = dir.path().join("merged");
     let t = Instant::now();
     merge(std::slice::from_ref(&leaf), &merged).expect("merge");
-    println!("merge of base + 3 diffs {:?}", t.elapsed());
+    println!("merge of base + 6 diffs {:?}", t.elapsed());
 
     let load = |what: &str, snap: &Path, mode: RestoreMode, check_run: bool| {
         let after = Capture::default();
@@ -115,7 +129,7 @@ fn main() {
         }
     };
     load("full base", &base, RestoreMode::Lazy, false);
-    load("chain of base + 3 diffs", &leaf, RestoreMode::Lazy, true);
+    load("chain of base + 6 diffs", &leaf, RestoreMode::Lazy, true);
     load("merge", &merged, RestoreMode::Lazy, true);
     load("merge", &merged, RestoreMode::Eager, true);
     println!("restored guests consistent through COUNTER {}", at_pause + 3);

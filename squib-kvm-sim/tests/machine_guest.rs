@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use squib_arch::{GpaRange, PageGeometry};
 use squib_kvm_sim::machine::guest::{CounterLine, check, parse};
-use squib_kvm_sim::machine::snapshot::{self, Target};
+use squib_kvm_sim::machine::snapshot::{self, Staging, Target};
 use squib_kvm_sim::machine::{
     Capture, Console, GUEST_KERNEL, Machine, MachineConfig, MachineState, RestoreOptions, copy_memory,
     new_memory,
@@ -337,6 +337,30 @@ fn test_should_restore_guest_from_chain_of_full_base_and_three_diffs_and_from_it
     merge(std::slice::from_ref(&leaf), &merged).expect("merge");
     restore_and_check(&merged, RestoreMode::Eager, &before, 2);
     assert!(verify(&leaf).expect("verify chain").is_sound());
+}
+
+#[test]
+fn test_should_restore_guest_from_a_chain_of_diffs_written_after_the_guest_resumed() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut chain = ChainWriter::create(dir.path()).expect("chain");
+    let (machine, capture) = boot(2);
+    wait_for_counter(&machine, &capture, 1);
+    let staging = Staging::for_machine(&machine).expect("staging");
+    let mut before = String::new();
+    for i in 0..4 {
+        wait_for_user_work(&capture);
+        let live = snapshot::save_live_diff(&machine, &mut chain, &staging, || before = capture.text())
+            .expect("live save");
+        assert_eq!(live.saved.kind == SnapshotKind::Full, i == 0);
+        assert!(!machine.is_paused(), "the guest runs on after a live save");
+    }
+    // The guest keeps writing its work regions while and after the last diff is written.
+    wait_for_user_work(&capture);
+    drop(machine);
+    restore_and_check(&chain.leaf().expect("leaf"), RestoreMode::Lazy, &before, 2);
 }
 
 #[test]

@@ -17,10 +17,21 @@
 //! then write) and folds the ranges back if the write fails, so a failed diff
 //! loses nothing. Saves here run with the vCPUs paused, so memory and vCPU
 //! state are from the same instant.
+//!
+//! # Live diffs: paused only while the dirty pages are copied
+//!
+//! [`save_live_diff`] keeps the guest paused for capture, harvest, drain,
+//! re-protect and a `memcpy` of the dirty pages into a [`Staging`] copy, then
+//! resumes it and writes, hashes and syncs the diff from the copy. Writing
+//! straight from guest memory after the resume would not do: a page the guest
+//! writes between the resume and the copy would be newer than the vCPU state
+//! the diff carries (its re-protection only puts it in the *next* diff). The
+//! copy makes memory and state one instant again. If the write fails, the
+//! ranges are marked dirty again, so the next diff holds them.
 
 use std::path::{Path, PathBuf};
 
-use squib_arch::PageGeometry;
+use squib_arch::{GpaRange, PageGeometry};
 use squib_snapshot::snapshot::restore::restore_chain;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
 use squib_snapshot::snapshot::{
@@ -28,6 +39,7 @@ use squib_snapshot::snapshot::{
     SnapshotState,
 };
 use squib_snapshot::{BackendError, CheckpointError};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, VolatileSlice};
 
 use super::state::{MachineState, StateCodecError};
 use super::{GuestMemory, Machine, MachineError};
@@ -96,7 +108,7 @@ pub fn meta(machine: &Machine) -> Result<SnapshotMeta, MachineError> {
 fn write(
     target: &mut Target<'_>,
     mem: &GuestMemory,
-    ranges: &[squib_arch::GpaRange],
+    ranges: &[GpaRange],
     meta: &SnapshotMeta,
 ) -> Result<SavedSnapshot, SnapshotError> {
     match target {
@@ -191,4 +203,124 @@ pub fn load(dir: &Path, mode: RestoreMode) -> Result<LoadedMachine, MachineSnaps
         snapshot: restored.state,
         dir: leaf.dir.clone(),
     })
+}
+
+/// A copy of guest RAM's layout that holds dirty pages between the pause and the write.
+///
+/// Anonymous and `MAP_NORESERVE`: only the pages ever copied into it take host memory.
+#[derive(Debug)]
+pub struct Staging {
+    memory: GuestMemory,
+}
+
+impl Staging {
+    /// Staging memory with `machine`'s RAM layout.
+    ///
+    /// # Errors
+    /// [`MachineError::Memory`] if it cannot be mapped.
+    pub fn for_machine(machine: &Machine) -> Result<Self, MachineError> {
+        let ranges: Vec<(GuestAddress, usize)> = machine
+            .memory()
+            .iter()
+            .map(|r| {
+                usize::try_from(r.len())
+                    .map(|len| (r.start_addr(), len))
+                    .map_err(|e| MachineError::Memory {
+                        size: r.len(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let memory = GuestMemory::from_ranges(&ranges).map_err(|e| MachineError::Memory {
+            size: ranges.iter().map(|r| r.1 as u64).sum(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { memory })
+    }
+
+    /// Copy `ranges` of `from` into the staging memory (the same guest addresses).
+    fn copy(&self, from: &GuestMemory, ranges: &[GpaRange]) -> Result<(), SnapshotError> {
+        for r in ranges {
+            let fail = |e: vm_memory::GuestMemoryError| {
+                SnapshotError::GuestMemory(format!("staging {:#x}+{:#x}: {e}", r.start(), r.len()))
+            };
+            let len = usize::try_from(r.len()).map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+            let src: VolatileSlice<'_, _> = from.get_slice(GuestAddress(r.start()), len).map_err(fail)?;
+            let dst = self
+                .memory
+                .get_slice(GuestAddress(r.start()), len)
+                .map_err(fail)?;
+            src.copy_to_volatile_slice(dst);
+        }
+        Ok(())
+    }
+}
+
+/// What [`save_live_diff`] did and how long the guest stood still.
+#[derive(Debug)]
+pub struct LiveSave {
+    /// The snapshot written.
+    pub saved: SavedSnapshot,
+    /// From the pause request to the resume (capture, harvest, re-protect, copy).
+    pub paused: std::time::Duration,
+}
+
+/// Append the next member to `chain` while the guest runs: pause, capture, checkpoint into
+/// `staging`, resume, then write. The first member (an empty chain) is a full snapshot, written
+/// with the guest paused throughout. `at_pause` runs while the guest is paused (a caller reads
+/// its console there, for instance).
+///
+/// # Errors
+/// As [`save`]; the guest is resumed whatever happens.
+pub fn save_live_diff(
+    machine: &Machine,
+    chain: &mut ChainWriter,
+    staging: &Staging,
+    at_pause: impl FnOnce(),
+) -> Result<LiveSave, MachineSnapshotError> {
+    let t = std::time::Instant::now();
+    machine.pause();
+    at_pause();
+    if chain.leaf().is_none() {
+        let saved = save(machine, Target::Chain(chain));
+        let paused = t.elapsed();
+        machine.resume();
+        return Ok(LiveSave {
+            saved: saved?,
+            paused,
+        });
+    }
+    let Some(tracker) = machine.tracker() else {
+        machine.resume();
+        return Err(MachineSnapshotError::NotTracking("a diff snapshot"));
+    };
+    let staged = meta(machine)
+        .map_err(MachineSnapshotError::from)
+        .and_then(|meta| {
+            let mut ranges = Vec::new();
+            tracker
+                .checkpoint(Some(machine.memory()), |dirty| {
+                    staging.copy(machine.memory(), dirty)?;
+                    ranges.extend_from_slice(dirty);
+                    Ok::<(), SnapshotError>(())
+                })
+                .map_err(|e| match e {
+                    CheckpointError::Backend(b) => MachineSnapshotError::Track(b),
+                    CheckpointError::Writer(w) => MachineSnapshotError::Files(w),
+                })?;
+            Ok((meta, ranges))
+        });
+    let paused = t.elapsed();
+    machine.resume();
+    let (meta, ranges) = staged?;
+    match chain.save_diff(&staging.memory, &ranges, &meta) {
+        Ok(saved) => Ok(LiveSave { saved, paused }),
+        Err(e) => {
+            // The tracker handed these over and forgot them: mark them again.
+            for r in &ranges {
+                tracker.mark_range(*r);
+            }
+            Err(e.into())
+        }
+    }
 }
