@@ -59,6 +59,10 @@ pub enum SnapshotCommand {
         /// Write the restored guest memory as one raw file (regions in address order).
         #[arg(long)]
         dump_memory: Option<PathBuf>,
+        /// Resume the guest of a booted-kernel snapshot (`squib run --kernel`) and run it this
+        /// long, its console on standard output.
+        #[arg(long = "for", value_parser = super::run::parse_duration, conflicts_with_all = ["dump_memory", "backend"])]
+        run_for: Option<Duration>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -91,8 +95,12 @@ pub fn run(c: SnapshotCommand) -> CmdResult {
             lazy,
             backend,
             dump_memory: dump,
+            run_for,
             json,
-        } => restore_cmd(&dir, lazy, backend, dump, json),
+        } => match run_for {
+            Some(d) => super::run_kernel::resume(&dir, lazy, d, json),
+            None => restore_cmd(&dir, lazy, backend, dump, json),
+        },
     }
 }
 
@@ -315,6 +323,7 @@ mod tests {
                 lazy,
                 backend: Some(BackendKind::Soft),
                 dump_memory: Some(dump.clone()),
+                run_for: None,
                 json: true,
             })
             .unwrap();
@@ -326,6 +335,7 @@ mod tests {
             lazy: false,
             backend: Some(BackendKind::Kvm),
             dump_memory: None,
+            run_for: None,
             json: false,
         })
         .unwrap_err();
