@@ -189,7 +189,16 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
     assert!(fault.contains("paused"), "{fault}");
 
     a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    // A diff needs a snapshot to chain to, beside it.
+    let (code, fault) = a.call("PUT", "/snapshot/create", &create_body("Diff", &snap("early")));
+    assert_eq!(code, 400);
+    assert!(fault.contains("create a Full first"), "{fault}");
     a.ok("PUT", "/snapshot/create", &create_body("Full", &base));
+    let elsewhere = dir.path().join("elsewhere");
+    let (code, fault) = a.call("PUT", "/snapshot/create", &create_body("Diff", &elsewhere));
+    assert_eq!(code, 400);
+    assert!(fault.contains("beside its parent"), "{fault}");
+    assert!(!elsewhere.exists() && !snap("early").exists());
     a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
     // Three diffs of the running guest, a few timer periods apart.
     let mut diffs = Vec::new();
