@@ -78,7 +78,8 @@ struct SnapshotCreateBody {
     #[serde(default)]
     snapshot_type: Option<String>,
     snapshot_path: PathBuf,
-    mem_file_path: PathBuf,
+    #[serde(default)]
+    mem_file_path: Option<PathBuf>,
     #[serde(default)]
     version: Option<String>,
 }
@@ -341,7 +342,7 @@ impl Vmm {
         if !machine.is_paused() {
             return Err(bad("PUT /snapshot/create: the guest must be paused (PATCH /vm)"));
         }
-        let dir = snapshot_dir(&b.snapshot_path, Some(&b.mem_file_path))?;
+        let dir = snapshot_dir(&b.snapshot_path, b.mem_file_path.as_deref())?;
         let target = if diff {
             let parent = self.diff_parent(&dir)?;
             Target::Diff(&dir, parent)
