@@ -1,7 +1,9 @@
 //! KVM guest first-write throughput and tracking-fault rates: `kvm/first_write/{untracked,
 //! dirty_log, uffd_wp_fine, uffd_wp_coarse, uffd_wp_adaptive}` (MiB/s of guest memory written
 //! for the first time in an epoch) and `kvm/faults/{dirty_log, uffd_wp_fine}` (tracking faults
-//! per second).
+//! per second), and `kvm/faults/uffd_host_thread`: the same userfaultfd round trip taken by a VMM
+//! thread writing guest memory, without KVM in the loop, to separate what userfaultfd costs from
+//! what the hypervisor adds to a guest's fault.
 //!
 //! One iteration is one epoch: a checkpoint re-protects guest RAM (not timed), then a vCPU runs
 //! `rep stosb` over 8 MiB of fresh, protected RAM (timed, from `KVM_RUN` to the guest's exit).
@@ -16,6 +18,7 @@ mod linux {
     use squib_arch::GpaRange;
     use squib_kvm_sim::kvm::{Machine, MemoryLayout, Tracking, VmConfig, kvm_available};
     use squib_snapshot::{Policy, TrackingConfig};
+    use vm_memory::{Bytes, GuestAddress};
 
     /// Bytes each iteration writes.
     const SPAN: u64 = 8 << 20;
@@ -94,6 +97,24 @@ mod linux {
             }
             m.shutdown().unwrap();
         }
+        let m = machine(Tracking::UffdWp, Policy::Fine, true);
+        g.bench_function("uffd_host_thread", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    m.tracker
+                        .checkpoint(None, |_| Ok::<_, std::io::Error>(()))
+                        .unwrap();
+                    let t = Instant::now();
+                    for page in 0..SPAN / 4096 {
+                        m.vm.ram().write_obj(1u8, GuestAddress(page * 4096)).unwrap();
+                    }
+                    total += t.elapsed();
+                }
+                total
+            });
+        });
+        m.shutdown().unwrap();
         g.finish();
     }
 }

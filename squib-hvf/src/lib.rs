@@ -19,6 +19,9 @@
 
 #![deny(missing_docs)]
 
+pub mod a64;
+#[cfg(any(test, feature = "stand-in"))]
+pub mod a64_sim;
 pub mod backend;
 pub mod exit;
 pub mod hv;
@@ -26,6 +29,11 @@ pub mod perms;
 #[cfg(any(test, feature = "stand-in"))]
 pub mod stand_in;
 pub mod vcpu;
+pub mod vm;
+pub mod workload;
+
+/// Whether this build runs Hypervisor.framework guests: true on aarch64 macOS only.
+pub const AVAILABLE: bool = cfg!(hvf);
 
 pub use backend::{HvfBackend, RamError};
 pub use exit::{ExitAction, ExitError, VmmExit, handle_exit};

@@ -68,7 +68,7 @@ pub struct HvCall {
 
 /// Why a guest access did not complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AccessFault {
+pub(crate) enum AccessFault {
     /// No memory mapped at the address.
     Unmapped(u64),
     /// Mapped, but the permission is missing.
@@ -163,9 +163,43 @@ impl StandIn {
             "stand-in read of {range} outside mapped memory"
         );
         let bytes = lock(&self.bytes);
-        for (addr, out) in (gpa..).zip(buf.iter_mut()) {
+        let mut addr = gpa;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let off = offset_in_page(addr);
+            let n = rest.len().min(GRANULE_BYTES - off);
+            let (chunk, tail) = rest.split_at_mut(n);
+            match bytes.get(&(addr & !(GRANULE - 1))) {
+                Some(p) => chunk.copy_from_slice(&p[off..off + n]),
+                None => chunk.fill(0),
+            }
+            addr += u64::try_from(n).expect("a page length fits u64");
+            rest = tail;
+        }
+    }
+
+    /// Copy `data` into guest memory at `gpa` as the VMM does: no permission applies.
+    ///
+    /// # Panics
+    /// When the range is not inside one mapped region.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let len = u64::try_from(data.len()).expect("buffer length fits u64");
+        let range = GpaRange::new(gpa, len).expect("a non-empty, non-wrapping write");
+        assert!(
+            self.mapped.iter().any(|r| r.contains_range(&range)),
+            "stand-in write of {range} outside mapped memory"
+        );
+        self.store(gpa, data);
+    }
+
+    fn store(&self, gpa: u64, data: &[u8]) {
+        let mut bytes = lock(&self.bytes);
+        for (addr, b) in (gpa..).zip(data) {
             let page = addr & !(GRANULE - 1);
-            *out = bytes.get(&page).map_or(0, |p| p[offset_in_page(addr)]);
+            let p = bytes
+                .entry(page)
+                .or_insert_with(|| vec![0; GRANULE_BYTES].into_boxed_slice());
+            p[offset_in_page(addr)] = *b;
         }
     }
 
@@ -196,7 +230,13 @@ impl StandIn {
 
     /// Perform a guest access of `len` bytes at `gpa` needing permission `need`; a store passes
     /// its bytes in `data`. All or nothing: the first page lacking the permission stops it.
-    fn access(&self, gpa: u64, len: u64, need: u64, data: Option<&[u8]>) -> Result<(), AccessFault> {
+    pub(crate) fn access(
+        &self,
+        gpa: u64,
+        len: u64,
+        need: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), AccessFault> {
         let _tlb = self.tlb.read().unwrap_or_else(PoisonError::into_inner);
         let end = gpa.checked_add(len).ok_or(AccessFault::Unmapped(gpa))?;
         let mut page = gpa & !(GRANULE - 1);
@@ -210,14 +250,7 @@ impl StandIn {
             page += GRANULE;
         }
         if let Some(data) = data {
-            let mut bytes = lock(&self.bytes);
-            for (addr, b) in (gpa..).zip(data) {
-                let page = addr & !(GRANULE - 1);
-                let p = bytes
-                    .entry(page)
-                    .or_insert_with(|| vec![0; GRANULE_BYTES].into_boxed_slice());
-                p[offset_in_page(addr)] = *b;
-            }
+            self.store(gpa, data);
         }
         Ok(())
     }

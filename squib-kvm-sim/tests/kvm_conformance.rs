@@ -1,5 +1,6 @@
 //! The backend conformance suite against real KVM guests, in both tracking modes, over a layout
 //! of two memslots with a hole between them.
+#![cfg(target_os = "linux")]
 mod kvm_support;
 
 use std::time::Duration;

@@ -1,4 +1,5 @@
 //! The dirty-log backend's contract with the core, against the real kernel log.
+#![cfg(target_os = "linux")]
 mod kvm_support;
 
 use kvm_support::{kvm_or_skip, split_layout};

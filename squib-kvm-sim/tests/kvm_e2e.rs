@@ -1,5 +1,6 @@
 //! End to end on real guests: vCPUs write while diffs are taken; base + diffs restored into
 //! fresh memory equal, byte for byte, the guest's memory at the last checkpoint.
+#![cfg(target_os = "linux")]
 mod kvm_support;
 
 use std::time::Duration;

@@ -1,4 +1,5 @@
 //! The KVM run loop: live checkpoints handed to a sink, the last one with the vCPUs paused.
+#![cfg(target_os = "linux")]
 mod kvm_support;
 
 use std::time::Duration;

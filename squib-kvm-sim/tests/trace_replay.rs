@@ -244,3 +244,23 @@ proptest! {
         let _ = replay(lines.join("\n").as_bytes(), &cfg, 4 << 20);
     }
 }
+
+#[test]
+fn test_should_report_the_json_fields_design_md_names() {
+    let r = run("0 0x0 8\n1 0x4000 8\n", Policy::Fine, 2 << 20).unwrap();
+    let v = serde_json::to_value(&r).unwrap();
+    for (field, want) in [
+        ("writes", 2.0),
+        ("faults", 2.0),
+        ("protect_calls", 2.0),
+        ("dirty_bytes", 32768.0),
+        ("checkpoints", 1.0),
+        ("step_downs", 0.0),
+        ("modelled_cost_us", 8.0 + 240.0 + 32768.0 / 500.0),
+    ] {
+        let got = v[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing from {v}"));
+        assert!((got - want).abs() < 1e-9, "{field}: {got} != {want}");
+    }
+}

@@ -67,6 +67,14 @@ pub enum TrackingMechanism {
 ///   on every vCPU thread).
 /// - After `write_protect(r)` returns, every later guest write to `r` is either faulted (and
 ///   reaches the core as a [`GuestFault`]) or reported by a later [`harvest`](Self::harvest).
+/// - The faulting writer resumes only after
+///   [`DirtyTracker::on_write_fault`](crate::DirtyTracker::on_write_fault) has returned. The core
+///   grants and then marks; if `grant_write` itself let the writer run on (userfaultfd's
+///   un-protect wakes the faulting thread by default), the writer could finish its write and be
+///   paused for a quiescent checkpoint before the mark lands, and that checkpoint would miss the
+///   write. Backends whose fault is served on another thread than the writer's (uffd-wp) grant
+///   without waking and wake the writer after `on_write_fault` returns; backends whose vCPU
+///   thread runs the fault path itself (HVF, soft) satisfy this by construction.
 pub trait Stage2Backend: Send + Sync {
     /// The geometry this backend works in.
     fn geometry(&self) -> PageGeometry;

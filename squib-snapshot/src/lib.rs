@@ -15,11 +15,13 @@ pub mod bitmap;
 #[cfg(any(test, feature = "test-kit"))]
 pub mod conformance;
 pub mod policy;
+pub mod sink;
 pub mod tracker;
 
 pub use backend::{BackendError, GuestFault, Stage2Backend, TrackingMechanism};
 pub use bitmap::DirtyBitmap;
 pub use policy::{BlockMode, ConfigError, CostModel, Policy, TrackingConfig};
+pub use sink::{ChainSink, CheckpointSink, CountingSink};
 pub use tracker::{
     CheckpointError, CheckpointStats, DirtyTracker, FaultOutcome, TrackError, TrackerCounters,
 };

@@ -12,9 +12,13 @@
 //! therefore tracks finely by default and *escalates* a block to 2 MiB in the middle of an epoch
 //! as soon as its fault count shows that the whole block would have been cheaper (a ski-rental
 //! rule: the loss against the best choice in hindsight is bounded by the faults paid before the
-//! switch). A block that escalated stays coarse while it keeps being written, re-measuring its
-//! density now and then with an exponentially spaced fine probe; a block that goes clean returns
-//! to fine tracking, where waking up costs nothing extra.
+//! switch). A block that escalated is held coarse while it keeps being written, re-measuring its
+//! density with fine probes spaced so that they cost a bounded share of what holding costs (the
+//! spacing comes from the cost model and grows with the block's confirmed dense history, so a
+//! block that turns sparse is held only a bounded fraction too long). Idle gaps are free in
+//! either mode; a held block stays coarse across gaps it has shown it wakes up dense from, and
+//! otherwise returns to fine tracking, where a sparse wake-up costs nothing extra. A block whose
+//! density flips between dense and sparse is not held at all until it settles.
 
 use std::time::Duration;
 
@@ -123,6 +127,118 @@ impl CostModel {
             max
         };
         u32::try_from(k.clamp(2, max.max(2))).unwrap_or(u32::MAX)
+    }
+}
+
+/// The share of a held block's cost the adaptive policy lets its probes take: the spacing of
+/// probes is at least what keeps a dense block's re-measurements within this share.
+pub(crate) const PROBE_SHARE: f64 = 0.05;
+
+impl CostModel {
+    /// The adaptive policy's shortest spacing, in dirty epochs, between fine probes of a block it
+    /// holds coarse: a probe of a block that is still dense costs the escalation faults beyond
+    /// the first, `(escalate_at - 1) * F`, and this spacing keeps that within [`PROBE_SHARE`] of
+    /// the block's coarse cost `F + B/W` over the interval. Expensive faults (nested
+    /// virtualisation, userfaultfd) space probes further apart; cheap ones allow frequent probes.
+    #[must_use]
+    pub fn min_probe_interval(&self, geometry: &PageGeometry) -> u16 {
+        let k = f64::from(self.escalate_at(geometry));
+        #[allow(clippy::cast_precision_loss)] // sizes are at most a few MiB
+        let block_cost = self.fault_us + geometry.tracking_default as f64 / self.write_bytes_per_us;
+        let probe = (k - 1.0) * self.fault_us;
+        let i = (probe / (PROBE_SHARE * block_cost)).ceil();
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to u16
+        let i = if i.is_finite() {
+            i.clamp(1.0, f64::from(u16::MAX)) as u16
+        } else {
+            1
+        };
+        i
+    }
+}
+
+/// How long the adaptive policy may hold a dense block coarse between probes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct HoldLimits {
+    /// The floor of the spacing once the block has a dense history.
+    pub min: u16,
+    /// Ceiling of the spacing.
+    pub max: u16,
+    /// When non-zero, the spacing is also at most the block's confirmed dense epochs divided by
+    /// this (but never below `min`): a block that turns sparse after being dense for `n` epochs
+    /// is held at most about `n / held_divisor` epochs too long.
+    pub held_divisor: u16,
+    /// When non-zero, the floor ramps up to `min` with the block's dense history:
+    /// `ceil(held × ramp)`. A block that escalated once is re-measured soon (it may have been a
+    /// burst). Only used where a probe is cheap against a wrong hold (under a quarter of a coarse
+    /// block-epoch); where it is dear the floor is `min` at once.
+    pub ramp: f64,
+    /// Cost of a coarse block-epoch, µs.
+    pub block_cost: f64,
+    /// Cost of one fine unit (its fault and its bytes), µs.
+    pub unit_cost: f64,
+    /// Extra cost of a probe of a block that is still dense, µs.
+    pub probe_cost: f64,
+}
+
+impl HoldLimits {
+    /// The limits a tracker uses.
+    pub(crate) fn new(cost: &CostModel, geometry: &PageGeometry, max_probe_interval: u16) -> Self {
+        let k = f64::from(cost.escalate_at(geometry));
+        #[allow(clippy::cast_precision_loss)] // sizes are at most a few MiB
+        let block_cost = cost.fault_us + geometry.tracking_default as f64 / cost.write_bytes_per_us;
+        let probe = (k - 1.0) * cost.fault_us;
+        let ratio = if block_cost > 0.0 {
+            4.0 * probe / block_cost
+        } else {
+            f64::INFINITY
+        };
+        #[allow(clippy::cast_precision_loss)] // sizes are at most a few MiB
+        let unit_cost = cost.fault_us + geometry.tracking_hot as f64 / cost.write_bytes_per_us;
+        Self {
+            min: cost.min_probe_interval(geometry).min(max_probe_interval),
+            max: max_probe_interval,
+            held_divisor: 8,
+            ramp: if ratio < 1.0 { ratio } else { 0.0 },
+            block_cost,
+            unit_cost,
+            probe_cost: probe,
+        }
+    }
+
+    /// Whether a sparse epoch of `units` dirty units, right after the block was dense, shows that
+    /// holding it coarse loses more than a probe costs: only then is it a flip worth reacting to.
+    fn flip_pays(&self, units: u32) -> bool {
+        self.block_cost - f64::from(units) * self.unit_cost > self.probe_cost
+    }
+
+    /// The floor of the spacing for a block with `held` confirmed dense epochs.
+    fn floor(&self, held: u32) -> u16 {
+        if self.ramp <= 0.0 {
+            return self.min;
+        }
+        let f = (f64::from(held) * self.ramp).ceil();
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to u16
+        let f = if f.is_finite() {
+            f.clamp(1.0, f64::from(u16::MAX)) as u16
+        } else {
+            self.min
+        };
+        f.clamp(1, self.min.max(1))
+    }
+
+    /// Pure doubling from 1 up to `max`.
+    #[cfg(test)]
+    pub(crate) const fn doubling(max: u16) -> Self {
+        Self {
+            min: 1,
+            max,
+            held_divisor: 0,
+            ramp: 0.0,
+            block_cost: f64::INFINITY,
+            unit_cost: 0.0,
+            probe_cost: 0.0,
+        }
     }
 }
 
@@ -238,33 +354,115 @@ pub(crate) struct EpochObservation {
     pub escalated: bool,
     /// It was written (any unit dirty).
     pub dirty: bool,
+    /// Fine units it had dirty (meaningful when it started fine and did not escalate).
+    pub units: u32,
 }
 
-/// The adaptive policy's memory of one block: when it next probes, and how far apart probes are.
+/// The adaptive policy's memory of one block: when it next probes, how far apart probes are, and
+/// what its density has been doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct BlockHistory {
     probe_interval: u16,
     until_probe: u16,
-    /// The current fine epoch is a probe of a block that was coarse.
+    /// The next dirty fine epoch measures a block that was coarse (a probe). Survives clean
+    /// epochs: a probe that saw no writes has measured nothing yet.
     probing: bool,
+    /// The last epoch in which the block's density was observed (tracked finely) found it dense.
+    last_dense: bool,
+    /// Flip score: raised when the block was found sparse right after being dense, lowered by
+    /// each escalation. While it is above zero the block is not held coarse.
+    flips: u8,
+    /// Near score: raised when the block was found below break-even right after being dense, but
+    /// by too little for holding it to have cost more than a probe; lowered by each escalation.
+    /// It raises the escalation point (as flips do) without stopping holds.
+    near: u8,
+    /// Clean epochs in a row while held coarse.
+    idle: u16,
+    /// Dirty epochs the block has been dense (escalated or held coarse) since it was last found
+    /// sparse.
+    held: u32,
+    /// Clean epochs since the block was last written, in either mode.
+    gap: u16,
+    /// The last wake-up (a dirty epoch after clean ones) that was tracked finely proved dense.
+    wakes_dense: bool,
 }
 
+impl BlockHistory {
+    /// The fault count at which this block escalates within an epoch: the break-even `k`, raised
+    /// up to `2k` (at most `max`, the hot units per block) while its density flips. A block whose
+    /// density hovers near break-even would otherwise escalate in every epoch that just crosses
+    /// it, paying the escalation faults on top of a whole block it barely needed.
+    pub(crate) fn escalate_at(&self, k: u32, max: u32) -> u32 {
+        let extra = k.saturating_mul(u32::from(self.flips.max(self.near))) / u32::from(FLIP_MAX);
+        k.saturating_add(extra).min(max.max(k))
+    }
+}
+
+/// How much one dense-to-sparse flip raises a block's flip score, and its ceiling.
+const FLIP_STEP: u8 = 4;
+const FLIP_MAX: u8 = 8;
+
 /// The adaptive policy's decision for a block's next epoch.
-pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, max_interval: u16) -> BlockMode {
-    let was_probe = std::mem::take(&mut h.probing);
+///
+/// Holding a block coarse is a bet that it stays dense: a coarse epoch of a block that turned
+/// sparse costs the whole block, and its density is invisible until it is tracked finely again.
+/// Releasing it costs at most the escalation faults (the ski-rental loss) when it is still dense.
+/// Per block, the policy therefore
+/// - holds a block coarse after it escalated, re-measuring it with fine probes spaced
+///   exponentially while it keeps proving dense (a stationary dense block converges to coarse);
+/// - keeps holding it across idle gaps no longer than its probe interval, and across any gap once
+///   a wake-up tracked finely proved dense (a block written densely in bursts does not pay the
+///   escalation again at every burst); otherwise it releases the block to fine after the gap, so
+///   a block that was dense once, at start-up say, and is then written sparsely, wakes up fine;
+/// - stops holding a block whose density flips: once a block has been found sparse right after
+///   being dense, it escalates afresh each epoch (paying at most the escalation faults when dense,
+///   and nothing extra when sparse) until escalations outnumber the flips again.
+pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits: HoldLimits) -> BlockMode {
+    // A probe is consumed by the first dirty epoch after it starts.
+    let was_probe = if obs.dirty {
+        std::mem::take(&mut h.probing)
+    } else {
+        h.probing
+    };
+    let woke = obs.dirty && h.gap > 0;
+    if obs.dirty {
+        h.gap = 0;
+    } else {
+        h.gap = h.gap.saturating_add(1);
+    }
     if obs.escalated {
+        if woke {
+            h.wakes_dense = true;
+        }
+        h.near = h.near.saturating_sub(1);
+        h.last_dense = true;
+        h.idle = 0;
+        h.held = h.held.saturating_add(1);
+        if h.flips > 0 {
+            // Recently flipped: do not bet on the density lasting.
+            h.flips -= 1;
+            return BlockMode::Fine;
+        }
         // Dense enough that the whole block was cheaper. A probe that escalates again doubles the
         // spacing of the next probe; a first escalation probes again soon.
+        let floor = limits.floor(h.held);
+        let mut cap = limits.max.max(floor);
+        if limits.held_divisor > 0 {
+            let by_held = u16::try_from(h.held / u32::from(limits.held_divisor)).unwrap_or(u16::MAX);
+            cap = cap.min(by_held.max(floor));
+        }
         h.probe_interval = if was_probe {
-            h.probe_interval.saturating_mul(2).min(max_interval)
+            h.probe_interval.saturating_mul(2).clamp(floor, cap)
         } else {
-            1
+            floor
         };
         h.until_probe = h.probe_interval;
         return BlockMode::Coarse;
     }
     match obs.start {
         BlockMode::Coarse if obs.dirty => {
+            h.idle = 0;
+            h.held = h.held.saturating_add(1);
             if h.until_probe <= 1 {
                 h.probing = true;
                 BlockMode::Fine
@@ -273,13 +471,39 @@ pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, max_int
                 BlockMode::Coarse
             }
         }
-        // A clean coarse block steps back to fine: idle costs nothing either way, and fine with
-        // escalation bounds what a sparse wake-up costs.
-        BlockMode::Coarse => BlockMode::Fine,
+        BlockMode::Coarse => {
+            // Idle costs nothing in either mode; what matters is the wake-up. A block that proved
+            // dense recently wakes up coarse; after a longer gap it wakes up fine, where
+            // escalation bounds what a sparse wake-up costs, and that wake-up counts as a probe.
+            h.idle = h.idle.saturating_add(1);
+            if h.idle <= h.probe_interval || (h.wakes_dense && h.flips == 0) {
+                BlockMode::Coarse
+            } else {
+                h.idle = 0;
+                h.probing = h.probe_interval > 0;
+                BlockMode::Fine
+            }
+        }
         BlockMode::Fine => {
-            if was_probe && obs.dirty {
-                // The probe found the block sparse: forget the old density.
-                h.probe_interval = 1;
+            if obs.dirty {
+                if h.last_dense {
+                    if limits.flip_pays(obs.units) {
+                        // Dense last time it was measured, sparse now: the density flips.
+                        h.flips = h.flips.saturating_add(FLIP_STEP).min(FLIP_MAX);
+                    } else {
+                        // Below break-even, but close: escalating it barely pays.
+                        h.near = h.near.saturating_add(FLIP_STEP).min(FLIP_MAX);
+                    }
+                }
+                h.last_dense = false;
+                h.held = 0;
+                if woke {
+                    h.wakes_dense = false;
+                }
+                if was_probe {
+                    // The probe found the block sparse: forget the old density.
+                    h.probe_interval = 1;
+                }
             }
             BlockMode::Fine
         }
@@ -354,28 +578,212 @@ mod tests {
             start: BlockMode::Fine,
             escalated: true,
             dirty: true,
+            units: 1,
         };
         let coarse_dirty = EpochObservation {
             start: BlockMode::Coarse,
             escalated: false,
             dirty: true,
+            units: 1,
         };
-        assert_eq!(adaptive_next(&mut h, esc, 64), BlockMode::Coarse);
+        assert_eq!(
+            adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
         // Interval 1: the next dirty coarse epoch probes.
-        assert_eq!(adaptive_next(&mut h, coarse_dirty, 64), BlockMode::Fine);
+        assert_eq!(
+            adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
         // The probe escalates again: interval doubles to 2.
-        assert_eq!(adaptive_next(&mut h, esc, 64), BlockMode::Coarse);
-        assert_eq!(adaptive_next(&mut h, coarse_dirty, 64), BlockMode::Coarse);
-        assert_eq!(adaptive_next(&mut h, coarse_dirty, 64), BlockMode::Fine);
-        assert_eq!(adaptive_next(&mut h, esc, 64), BlockMode::Coarse);
+        assert_eq!(
+            adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        assert_eq!(
+            adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        assert_eq!(
+            adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
+        assert_eq!(
+            adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
         let mut coarse_epochs = 0;
-        while adaptive_next(&mut h, coarse_dirty, 64) == BlockMode::Coarse {
+        while adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)) == BlockMode::Coarse {
             coarse_epochs += 1;
         }
         assert_eq!(
             coarse_epochs, 3,
             "interval 4: three more coarse epochs, then a probe"
         );
+    }
+
+    const ESC: EpochObservation = EpochObservation {
+        start: BlockMode::Fine,
+        escalated: true,
+        dirty: true,
+        units: 0,
+    };
+    const COARSE_DIRTY: EpochObservation = EpochObservation {
+        start: BlockMode::Coarse,
+        escalated: false,
+        dirty: true,
+        units: 1,
+    };
+    const COARSE_CLEAN: EpochObservation = EpochObservation {
+        start: BlockMode::Coarse,
+        escalated: false,
+        dirty: false,
+        units: 0,
+    };
+    const FINE_SPARSE: EpochObservation = EpochObservation {
+        start: BlockMode::Fine,
+        escalated: false,
+        dirty: true,
+        units: 1,
+    };
+    const FINE_CLEAN: EpochObservation = EpochObservation {
+        start: BlockMode::Fine,
+        escalated: false,
+        dirty: false,
+        units: 0,
+    };
+
+    #[test]
+    fn test_should_hold_a_dense_block_coarse_across_an_idle_gap_no_longer_than_its_probe_interval() {
+        let mut h = BlockHistory::default();
+        assert_eq!(
+            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        assert_eq!(
+            adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
+        assert_eq!(
+            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+            BlockMode::Coarse,
+            "probe interval now 2"
+        );
+        assert_eq!(
+            adaptive_next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        assert_eq!(
+            adaptive_next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        assert_eq!(
+            adaptive_next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
+            BlockMode::Fine,
+            "a gap longer than the interval releases the block"
+        );
+        // The release is a probe: escalating on wake-up confirms the density (interval 4).
+        assert_eq!(
+            adaptive_next(&mut h, FINE_CLEAN, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
+        assert_eq!(
+            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+                BlockMode::Coarse
+            );
+        }
+        assert_eq!(
+            adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
+    }
+
+    #[test]
+    fn test_should_stop_holding_a_block_whose_density_flips_until_it_settles() {
+        let mut h = BlockHistory::default();
+        assert_eq!(
+            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+        assert_eq!(
+            adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
+        // The probe finds it sparse right after it was dense: a flip.
+        assert_eq!(
+            adaptive_next(&mut h, FINE_SPARSE, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
+        // Dense again: escalations do not hold it coarse while the flip score lasts.
+        for _ in 0..FLIP_STEP {
+            assert_eq!(
+                adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+                BlockMode::Fine
+            );
+        }
+        // Settled dense: held coarse again.
+        assert_eq!(
+            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+            BlockMode::Coarse
+        );
+    }
+
+    #[test]
+    fn test_should_raise_the_escalation_point_but_keep_holding_a_block_just_below_break_even() {
+        // A coarse block-epoch costs 100, a unit 10, a probe 50: 8 units save only 20 over
+        // coarse, less than a probe, so that is not a flip; 1 unit saves 90, which is.
+        let limits = HoldLimits {
+            min: 1,
+            max: 64,
+            held_divisor: 0,
+            ramp: 0.0,
+            block_cost: 100.0,
+            unit_cost: 10.0,
+            probe_cost: 50.0,
+        };
+        let sparse = |units| EpochObservation {
+            start: BlockMode::Fine,
+            escalated: false,
+            dirty: true,
+            units,
+        };
+        let mut near = BlockHistory::default();
+        assert_eq!(adaptive_next(&mut near, ESC, limits), BlockMode::Coarse);
+        assert_eq!(adaptive_next(&mut near, COARSE_DIRTY, limits), BlockMode::Fine);
+        assert_eq!(adaptive_next(&mut near, sparse(8), limits), BlockMode::Fine);
+        assert_eq!(near.escalate_at(9, 128), 9 + 9 * 4 / 8);
+        assert_eq!(
+            adaptive_next(&mut near, ESC, limits),
+            BlockMode::Coarse,
+            "still held"
+        );
+        let mut flip = BlockHistory::default();
+        adaptive_next(&mut flip, ESC, limits);
+        adaptive_next(&mut flip, COARSE_DIRTY, limits);
+        adaptive_next(&mut flip, sparse(1), limits);
+        assert_eq!(flip.escalate_at(9, 128), 13);
+        assert_eq!(adaptive_next(&mut flip, ESC, limits), BlockMode::Fine, "not held");
+        assert_eq!(BlockHistory::default().escalate_at(115, 128), 115);
+        let mut capped = flip;
+        capped.flips = FLIP_MAX;
+        assert_eq!(capped.escalate_at(115, 128), 128);
+    }
+
+    #[test]
+    fn test_should_space_probes_by_what_they_cost() {
+        let g = PageGeometry::APPLE_SILICON;
+        assert_eq!(CostModel::default().min_probe_interval(&g), 3);
+        let nested = CostModel {
+            fault_us: 50.0,
+            protect_us: 120.0,
+            write_bytes_per_us: 5000.0,
+        };
+        assert_eq!(nested.min_probe_interval(&g), 18);
     }
 
     #[test]
@@ -385,13 +793,21 @@ mod tests {
             start: BlockMode::Coarse,
             escalated: false,
             dirty: false,
+            units: 0,
         };
-        assert_eq!(adaptive_next(&mut h, clean, 64), BlockMode::Fine);
+        assert_eq!(
+            adaptive_next(&mut h, clean, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
         let sparse = EpochObservation {
             start: BlockMode::Fine,
             escalated: false,
             dirty: true,
+            units: 1,
         };
-        assert_eq!(adaptive_next(&mut h, sparse, 64), BlockMode::Fine);
+        assert_eq!(
+            adaptive_next(&mut h, sparse, HoldLimits::doubling(64)),
+            BlockMode::Fine
+        );
     }
 }

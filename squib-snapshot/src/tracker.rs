@@ -31,7 +31,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, bitmap::
 use crate::backend::{BackendError, GuestFault, Stage2Backend};
 use crate::bitmap::DirtyBitmap;
 use crate::policy::{
-    BlockHistory, BlockMode, ConfigError, EpochObservation, Policy, TrackingConfig, adaptive_next,
+    BlockHistory, BlockMode, ConfigError, EpochObservation, HoldLimits, Policy, TrackingConfig, adaptive_next,
 };
 use crate::sync::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
@@ -151,6 +151,8 @@ struct Region {
     modes: Box<[AtomicU8]>,
     epoch_faults: Box<[AtomicU32]>,
     window_faults: Box<[AtomicU32]>,
+    /// Adaptive: the fault count at which each block escalates (its history raises it).
+    escalate_at: Box<[AtomicU32]>,
 }
 
 fn atomics<T>(n: u64, f: impl Fn() -> T) -> Box<[T]> {
@@ -233,6 +235,8 @@ pub struct DirtyTracker<B> {
     block_shift: u32,
     unit_shift: u32,
     escalate_at: u32,
+    /// The adaptive policy's probe spacing, from the cost model.
+    hold: HoldLimits,
     regions: Box<[Region]>,
     counters: Counters,
     state: Mutex<CheckpointState>,
@@ -283,12 +287,18 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 modes: atomics(blocks, || AtomicU8::new(mode)),
                 epoch_faults: atomics(blocks, || AtomicU32::new(0)),
                 window_faults: atomics(blocks, || AtomicU32::new(0)),
+                escalate_at: atomics(blocks, || AtomicU32::new(u32::MAX)),
             });
         }
         let escalate_at = match config.policy {
             Policy::Adaptive => config.cost.escalate_at(&geometry),
             _ => u32::MAX,
         };
+        for r in &built {
+            for t in r.escalate_at.iter() {
+                t.store(escalate_at, Ordering::Relaxed);
+            }
+        }
         let state = CheckpointState {
             history: built
                 .iter()
@@ -313,6 +323,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             block_shift,
             unit_shift,
             escalate_at,
+            hold: HoldLimits::new(&config.cost, &geometry, config.max_probe_interval),
             regions: built.into_boxed_slice(),
             counters: Counters::default(),
             state: Mutex::new(state),
@@ -419,7 +430,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
         let mut coarse = r.modes[b].load(Ordering::Acquire) == BlockMode::Coarse as u8;
         if !coarse && self.escalate_at != u32::MAX {
             let n = r.epoch_faults[b].fetch_add(1, Ordering::Relaxed) + 1;
-            if n == self.escalate_at
+            if n == r.escalate_at[b].load(Ordering::Relaxed)
                 && r.modes[b]
                     .compare_exchange(
                         BlockMode::Fine as u8,
@@ -656,8 +667,10 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 ci += 1;
             }
             let mut fine_dirty = false;
+            let mut units = 0u32;
             while fi < fine.len() && fine[fi] < first + count {
                 fine_dirty = true;
+                units = units.saturating_add(1);
                 fi += 1;
             }
             let start = st.epoch_start[ri][b];
@@ -666,8 +679,14 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 start,
                 escalated: start == BlockMode::Fine && now == BlockMode::Coarse,
                 dirty: coarse_dirty || fine_dirty,
+                units,
             };
-            let next = adaptive_next(&mut st.history[ri][b], obs, self.config.max_probe_interval);
+            let next = adaptive_next(&mut st.history[ri][b], obs, self.hold);
+            let max_units = u32::try_from(self.geometry.hot_per_block()).unwrap_or(u32::MAX);
+            r.escalate_at[b].store(
+                st.history[ri][b].escalate_at(self.escalate_at, max_units),
+                Ordering::Relaxed,
+            );
             if next != now {
                 r.modes[b].store(next as u8, Ordering::Release);
                 match next {

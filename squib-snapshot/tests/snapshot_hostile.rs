@@ -251,6 +251,35 @@ fn cases() -> Vec<Case> {
             lazy_sees_it: true,
         },
         Case {
+            name: "state file that is a FIFO",
+            mutate: |m| {
+                let p = m[2].join(STATE_FILE);
+                std::fs::remove_file(&p).unwrap();
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &p,
+                    rustix::fs::FileType::Fifo,
+                    rustix::fs::Mode::from_raw_mode(0o600),
+                    0,
+                )
+                .unwrap();
+                p
+            },
+            reason: "not a regular file",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory file that is a directory",
+            mutate: |m| {
+                let p = m[1].join(MEMORY_FILE);
+                std::fs::remove_file(&p).unwrap();
+                std::fs::create_dir(&p).unwrap();
+                p
+            },
+            reason: "not a regular file",
+            lazy_sees_it: true,
+        },
+        Case {
             name: "missing state file",
             mutate: |m| {
                 let p = m[1].join(STATE_FILE);

@@ -171,3 +171,39 @@ fn test_should_leave_nothing_behind_on_a_full_tmpfs() {
         std::panic::resume_unwind(p);
     }
 }
+
+/// Saves of 16 MiB and more copy and write on two threads; a failure on the writing thread
+/// must still leave nothing behind, and a success must restore byte for byte.
+#[test]
+fn test_should_fail_cleanly_and_succeed_exactly_on_the_two_thread_path() {
+    use squib_snapshot::snapshot::save::PIPELINE_MIN;
+    let regions = [
+        GpaRange::new(0, PIPELINE_MIN).unwrap(),
+        GpaRange::new(1 << 32, 8 << 20).unwrap(),
+    ];
+    let mem = memory(&regions);
+    fill_all(&mem, 5);
+    // A zero hole in the middle, so the written runs are split.
+    mem.write_slice(&vec![0u8; 1 << 20], GuestAddress(3 << 20))
+        .unwrap();
+    let total = i64::try_from(PIPELINE_MIN + (8 << 20)).unwrap();
+    for budget in [0, 5 << 20, total - (1 << 20) - 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chain = ChainWriter::create(dir.path())
+            .unwrap()
+            .with_io(Box::new(FailingIo::new(budget, libc::ENOSPC)));
+        let before = listing(dir.path());
+        let err = chain.save(&mem, &[], &meta()).unwrap_err();
+        assert!(
+            err.to_string().contains("No space left"),
+            "budget {budget}: {err}"
+        );
+        assert_eq!(listing(dir.path()), before, "budget {budget}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut chain = ChainWriter::create(dir.path()).unwrap();
+    let full = chain.save(&mem, &[], &meta()).unwrap();
+    assert_eq!(full.written_bytes, u64::try_from(total).unwrap() - (1 << 20));
+    let restored = restore(&full.dir, RestoreMode::Eager).unwrap();
+    assert_eq!(contents(&restored.memory), contents(&mem));
+}

@@ -138,11 +138,20 @@ fn test_should_escalate_a_densely_written_block_to_coarse_within_the_epoch() {
     })
     .unwrap();
     assert_eq!(diff, vec![ram(r.start(), g.tracking_default)]);
-    // It stays coarse while written; a clean epoch returns it to fine.
+    // It is held coarse for the next epoch, and across short idle gaps (a dense block usually
+    // wakes up dense); a longer gap returns it to fine, where a sparse wake-up costs nothing extra.
     assert_eq!(t.block_mode(r.start()), Some(BlockMode::Coarse));
-    t.checkpoint(None, |_| -> Result<(), std::io::Error> { Ok(()) })
-        .unwrap();
-    assert_eq!(t.block_mode(r.start()), Some(BlockMode::Fine));
+    let mut clean_epochs = 0;
+    while t.block_mode(r.start()) == Some(BlockMode::Coarse) {
+        t.checkpoint(None, |_| -> Result<(), std::io::Error> { Ok(()) })
+            .unwrap();
+        clean_epochs += 1;
+        assert!(
+            clean_epochs <= 64,
+            "an idle block must not be held coarse for ever"
+        );
+    }
+    assert!(clean_epochs > 1, "a dense block is held across a short gap");
     let c = t.counters();
     assert_eq!((c.step_ups, c.step_downs), (1, 1));
 }

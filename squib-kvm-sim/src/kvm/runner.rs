@@ -13,16 +13,38 @@ use std::time::{Duration, Instant};
 use squib_arch::GpaRange;
 use squib_snapshot::{BackendError, DirtyTracker, GuestFault, Stage2Backend, TrackError, TrackingConfig};
 
-use vm_memory::{GuestMemoryMmap, bitmap::AtomicBitmap};
-
 use super::guest::Workload;
 use super::uffd::UffdWpBackend;
 use super::vm::{KvmBackend, KvmError, KvmVm, VmConfig};
 
-/// Wait up to `timeout` for userfaultfd write-protect faults and resolve each through the
-/// tracker's fault path (which marks the unit and re-grants it, waking the writer). A fault the
-/// tracker refuses is still un-protected, so no thread is left blocked; the refusal is logged.
-/// Returns the faults served.
+/// Resolve one userfaultfd write-protect fault at `gpa`: the tracker's fault path re-grants the
+/// unit and marks it, and only then is the writer woken (see [`super::uffd`] for why the order
+/// matters). A fault the tracker refuses is still un-protected and woken, so no thread is left
+/// blocked; the refusal is logged.
+pub fn resolve_fault<B: Stage2Backend>(tracker: &DirtyTracker<B>, uffd: &UffdWpBackend, gpa: u64) {
+    let fault = GuestFault {
+        gpa,
+        write: true,
+        vcpu: 0,
+    };
+    let page = GpaRange::new(gpa & !4095, 4096);
+    let woken = match tracker.on_write_fault(fault) {
+        Ok(out) => uffd.wake(out.unit),
+        Err(e) => {
+            tracing::error!(gpa, error = %e, "uffd-wp fault not tracked; un-protecting the page");
+            match page {
+                Ok(p) => uffd.grant_write(p).and_then(|()| uffd.wake(p)),
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = woken {
+        tracing::error!(gpa, error = %e, "waking a uffd-wp writer failed");
+    }
+}
+
+/// Wait up to `timeout` for userfaultfd write-protect faults and resolve each with
+/// [`resolve_fault`]. Returns the faults served.
 ///
 /// # Errors
 /// [`BackendError`] when the descriptor cannot be polled or read.
@@ -31,19 +53,7 @@ pub fn serve_faults<B: Stage2Backend>(
     uffd: &UffdWpBackend,
     timeout: Duration,
 ) -> Result<usize, BackendError> {
-    uffd.serve(timeout, &mut |gpa| {
-        let fault = GuestFault {
-            gpa,
-            write: true,
-            vcpu: 0,
-        };
-        if let Err(e) = tracker.on_write_fault(fault) {
-            tracing::error!(gpa, error = %e, "uffd-wp fault not tracked; un-protecting the page");
-            if let Ok(page) = GpaRange::new(gpa & !4095, 4096) {
-                let _ = uffd.grant_write(page);
-            }
-        }
-    })
+    uffd.serve(timeout, &mut |gpa| resolve_fault(tracker, uffd, gpa))
 }
 
 /// The thread serving a `uffd-wp` VM's write-protect faults.
@@ -73,8 +83,11 @@ impl FaultServer {
                     return Ok(());
                 };
                 while !s.load(Ordering::Acquire) {
-                    let k = serve_faults(&t, uffd, Duration::from_millis(20))?;
-                    n.fetch_add(k as u64, Ordering::Relaxed);
+                    // Counted before the writer is woken, so a writer that resumed is counted.
+                    uffd.serve(Duration::from_millis(20), &mut |gpa| {
+                        n.fetch_add(1, Ordering::Relaxed);
+                        resolve_fault(&t, uffd, gpa);
+                    })?;
                 }
                 Ok(())
             })
@@ -163,40 +176,7 @@ impl Machine {
     }
 }
 
-/// Receives each checkpoint's dirty ranges while the guest keeps running: a diff snapshot
-/// writer, or an accountant.
-pub trait CheckpointSink {
-    /// What writing can fail with; the tracker folds the ranges back on failure.
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// Save `ranges` (sorted, coalesced) of `mem` as checkpoint `index` (0 is the first). Runs
-    /// after the ranges were re-protected, while vCPUs may be writing.
-    ///
-    /// # Errors
-    /// Whatever the writer reports.
-    fn write(
-        &mut self,
-        index: u64,
-        ranges: &[GpaRange],
-        mem: &GuestMemoryMmap<AtomicBitmap>,
-    ) -> Result<(), Self::Error>;
-}
-
-/// A sink that saves nothing: the run's records are the report.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CountingSink;
-
-impl CheckpointSink for CountingSink {
-    type Error = std::convert::Infallible;
-    fn write(
-        &mut self,
-        _: u64,
-        _: &[GpaRange],
-        _: &GuestMemoryMmap<AtomicBitmap>,
-    ) -> Result<(), Self::Error> {
-        Ok(())
-    }
-}
+pub use squib_snapshot::{CheckpointSink, CountingSink};
 
 /// How to run a KVM guest.
 #[derive(Debug, Clone)]

@@ -7,8 +7,17 @@
 //! guest memory directly), userfaultfd reports the address, and a handler thread turns it into
 //! the core's [`GuestFault`](squib_snapshot::GuestFault). The core's fault path, the same code
 //! that serves HVF and the soft model, adaptive policy included, then calls
-//! [`grant_write`](Stage2Backend::grant_write), whose `UFFDIO_WRITEPROTECT` un-protect also wakes
-//! the blocked thread.
+//! [`grant_write`](Stage2Backend::grant_write) (a `UFFDIO_WRITEPROTECT` un-protect) and marks the
+//! unit; only then does the handler [`wake`](UffdWpBackend::wake) the blocked thread.
+//!
+//! The un-protect must not wake the writer itself (`UFFDIO_WRITEPROTECT_MODE_DONTWAKE`): under
+//! HVF the faulting vCPU runs the fault path on its own thread and cannot resume before the mark,
+//! and the core relies on that. A writer woken by the grant can finish its write, run on, reach a
+//! pause and be parked before the handler thread sets the dirty bit; a checkpoint taken then
+//! misses a write that happened before it (seen on hardware: a guest filling a block that the
+//! adaptive policy had just granted whole, its last 167 pages missing from the diff). Woken after
+//! the mark, a writer that is parked has always been marked, so a checkpoint with the vCPUs
+//! paused holds every write they made.
 //!
 //! The registration is not user-mode-only: KVM touches guest memory from kernel mode through the
 //! host mapping, and those faults must reach the handler too. The descriptor is non-blocking and
@@ -103,9 +112,21 @@ impl UffdWpBackend {
         })
     }
 
+    /// Wake the threads blocked on write-protect faults in `range` (they retry their writes).
+    ///
+    /// # Errors
+    /// [`BackendError`] for a range that is not registered RAM, or a failing `UFFDIO_WAKE`.
+    pub fn wake(&self, range: GpaRange) -> Result<(), BackendError> {
+        let (start, len) = self.host(range)?;
+        self.uffd.wake(start, len).map_err(|e| BackendError::Hypervisor {
+            op: "wake",
+            range,
+            reason: format!("UFFDIO_WAKE: {e}"),
+        })
+    }
+
     /// Wait up to `timeout` for write-protect faults and hand each one's guest-physical address
-    /// to `on_fault`, which must resolve it (the tracker's fault path re-grants, which wakes the
-    /// faulting thread). Returns how many faults were handed over. Events that are not RAM
+    /// to `on_fault`, which must resolve it: re-grant, mark, then [`wake`](Self::wake). Returns how many faults were handed over. Events that are not RAM
     /// write-protect faults are woken without tracking, so no thread stays blocked.
     ///
     /// # Errors
@@ -168,14 +189,16 @@ impl Stage2Backend for UffdWpBackend {
             })
     }
 
+    /// Un-protect `range` without waking threads blocked on it: the fault handler wakes them
+    /// after the tracker has marked the unit ([`UffdWpBackend::wake`]).
     fn grant_write(&self, range: GpaRange) -> Result<(), BackendError> {
         let (start, len) = self.host(range)?;
         self.uffd
-            .remove_write_protection(start, len, true)
+            .remove_write_protection(start, len, false)
             .map_err(|e| BackendError::Hypervisor {
                 op: "grant_write",
                 range,
-                reason: format!("UFFDIO_WRITEPROTECT (un-protect and wake): {e}"),
+                reason: format!("UFFDIO_WRITEPROTECT (un-protect, no wake): {e}"),
             })
     }
 }

@@ -433,8 +433,18 @@ impl KvmVm {
         let va = self
             .layout
             .gpa_to_window(gpa)
-            .filter(|_| len > 0 && self.layout.gpa_to_window(gpa + len - 1).is_some())
-            .ok_or_else(|| KvmError::Config(format!("poke of {len} bytes at {gpa:#x}: not RAM")))?;
+            .filter(|va| {
+                len > 0
+                    && gpa
+                        .checked_add(len - 1)
+                        .and_then(|last| self.layout.gpa_to_window(last))
+                        == Some(va + len - 1)
+            })
+            .ok_or_else(|| {
+                KvmError::Config(format!(
+                    "poke of {len} bytes at {gpa:#x}: not inside one RAM region"
+                ))
+            })?;
         let sys = self.layout.system().start();
         let v = self
             .vcpus
@@ -829,7 +839,11 @@ impl Workers {
         self.control.state.lock().exited > 0
     }
 
-    fn finish(self) -> (Vec<VcpuFd>, RunStats, Option<KvmError>) {
+    fn finish(mut self) -> (Vec<VcpuFd>, RunStats, Option<KvmError>) {
+        self.join()
+    }
+
+    fn join(&mut self) -> (Vec<VcpuFd>, RunStats, Option<KvmError>) {
         {
             let mut st = self.control.state.lock();
             st.stop = true;
@@ -838,7 +852,7 @@ impl Workers {
         }
         let mut vcpus = Vec::new();
         let mut err = None;
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             match t.join() {
                 Ok((v, r)) => {
                     vcpus.push(v);
@@ -860,5 +874,15 @@ impl Workers {
             elapsed: self.started.elapsed(),
         };
         (vcpus, stats, err)
+    }
+}
+
+impl Drop for Workers {
+    /// Workers dropped without [`KvmVm::stop`] stop their vCPUs and join their threads, so no
+    /// vCPU outlives the run that started it.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            let _ = self.join();
+        }
     }
 }

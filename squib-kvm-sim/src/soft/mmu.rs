@@ -284,6 +284,9 @@ impl SoftStage2 {
     ///
     /// # Errors
     /// The [`Stage2Exit`] the vCPU takes instead of the write.
+    ///
+    /// # Panics
+    /// If `slot` was claimed from another model with more vCPU slots than this one.
     #[inline]
     pub fn write_access<R>(
         &self,

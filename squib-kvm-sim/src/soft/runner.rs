@@ -6,7 +6,6 @@
 //! run on the main thread while the vCPU threads never pause, and what a checkpoint produces goes
 //! to a [`CheckpointSink`], so a snapshot writer plugs in without changing the runner.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,29 +22,7 @@ use crate::workload::{WorkloadError, WorkloadSpec};
 /// Where a simulated guest's RAM starts (as under Hypervisor.framework's usual layout).
 pub const DEFAULT_RAM_BASE: u64 = 0x8000_0000;
 
-/// Receives each checkpoint's dirty ranges while the guest keeps running: a diff snapshot writer,
-/// or (until snapshot files exist) an accountant.
-pub trait CheckpointSink {
-    /// What writing can fail with; the tracker folds the ranges back on failure.
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// Save `ranges` (sorted, coalesced) of `mem` as checkpoint `index` (0 is the first).
-    ///
-    /// # Errors
-    /// Whatever the writer reports.
-    fn write(&mut self, index: u64, ranges: &[GpaRange], mem: &GuestMem) -> Result<(), Self::Error>;
-}
-
-/// A sink that saves nothing: the runner's own records are the report.
-#[derive(Debug, Default)]
-pub struct CountingSink;
-
-impl CheckpointSink for CountingSink {
-    type Error = Infallible;
-    fn write(&mut self, _: u64, _: &[GpaRange], _: &GuestMem) -> Result<(), Infallible> {
-        Ok(())
-    }
-}
+pub use squib_snapshot::{CheckpointSink, CountingSink};
 
 /// How to run a simulated guest.
 #[derive(Debug, Clone)]

@@ -18,8 +18,9 @@ use crate::soft::mmu::{SoftStage2, VcpuSlot};
 use crate::soft::vcpu::deliver;
 
 /// Empty epochs replayed for real after the last write before the rest of a long gap is only
-/// counted. Every policy reaches a fixed point after one clean epoch (a clean coarse block returns
-/// to fine; nothing else changes), so this margin is generous.
+/// counted. Every policy reaches a fixed point within `max_probe_interval + 1` clean epochs (the
+/// adaptive policy holds a clean coarse block at most its probe interval, then releases it;
+/// nothing else changes without writes), so replaying at least this many is exact.
 const REAL_EMPTY_EPOCHS: u64 = 256;
 
 /// How to replay a trace.
@@ -140,6 +141,8 @@ struct Engine {
     skipped: u64,
     next_tick: u64,
     window_ns: u64,
+    /// Empty epochs replayed for real before a gap is only counted.
+    real_empty: u64,
 }
 
 impl Engine {
@@ -151,7 +154,7 @@ impl Engine {
         }
         self.writes_since_cp = 0;
         self.last_cp = Some(at);
-        if self.empty_run > REAL_EMPTY_EPOCHS {
+        if self.empty_run > self.real_empty {
             self.skipped += 1;
             return Ok(());
         }
@@ -165,7 +168,7 @@ impl Engine {
     fn advance(&mut self, t: u64) -> Result<(), TraceError> {
         while self.next_cp <= t {
             let at = self.next_cp;
-            if self.empty_run >= REAL_EMPTY_EPOCHS && self.writes_since_cp == 0 {
+            if self.empty_run >= self.real_empty && self.writes_since_cp == 0 {
                 // A long gap: count the remaining boundaries up to `t` without replaying them.
                 let n = (t - at) / self.every_ns + 1;
                 self.skipped += n;
@@ -245,6 +248,7 @@ pub fn replay<R: BufRead>(input: R, cfg: &ReplayConfig, mem: u64) -> Result<Repl
         skipped: 0,
         next_tick: 0,
         window_ns,
+        real_empty: REAL_EMPTY_EPOCHS.max(u64::from(cfg.tracking.max_probe_interval) + 2),
     };
     let mut events = EventReader::new(input, cfg.format, cfg.ns_per_instr);
     let (mut writes, mut bytes, mut last_t) = (0u64, 0u64, 0u64);

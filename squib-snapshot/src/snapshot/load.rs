@@ -46,7 +46,7 @@ impl LoadedSnapshot {
         let state_path = dir.join(STATE_FILE);
         let state = read_state(&state_path)?;
         let memory_path = dir.join(MEMORY_FILE);
-        let memory = File::open(&memory_path).map_err(SnapshotError::io(&memory_path, "open"))?;
+        let memory = open_regular(&memory_path)?;
         let file_len = memory
             .metadata()
             .map_err(SnapshotError::io(&memory_path, "stat"))?
@@ -132,9 +132,21 @@ impl LoadedSnapshot {
     }
 }
 
+/// Open a file for reading, refusing anything but a regular file first (a FIFO would block the
+/// open, a device could be endless).
+fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    let md = std::fs::metadata(path).map_err(SnapshotError::io(path, "open"))?;
+    if !md.is_file() {
+        return Err(SnapshotError::NotRegularFile {
+            path: path.to_path_buf(),
+        });
+    }
+    File::open(path).map_err(SnapshotError::io(path, "open"))
+}
+
 /// Read and decode a state file, refusing one above the cap before reading it.
 fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
-    let f = File::open(path).map_err(SnapshotError::io(path, "open"))?;
+    let f = open_regular(path)?;
     let len = f.metadata().map_err(SnapshotError::io(path, "stat"))?.len();
     if len > MAX_STATE_FILE {
         return Err(SnapshotError::StateTooLarge {

@@ -64,6 +64,12 @@ pub enum SnapshotError {
         /// Why.
         source: FormatError,
     },
+    /// A state or memory file is not a regular file (a directory, FIFO, device, ...).
+    #[error("{path}: not a regular file")]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+    },
     /// A state file is larger than the load cap (refused before reading it).
     #[error("{path}: state file is {len} bytes, above the {cap}-byte cap")]
     StateTooLarge {

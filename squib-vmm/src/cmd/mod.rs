@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod run;
+pub mod run_hvf;
 pub mod run_kernel;
 pub mod run_kvm;
 pub mod run_soft;

@@ -131,9 +131,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     match args.backend {
         BackendKind::Soft => super::run_soft::run(&args),
         BackendKind::Kvm => super::run_kvm::run(&args),
-        BackendKind::Hvf => {
-            anyhow::bail!("--backend {:?}: not built into this squib yet", args.backend)
-        }
+        BackendKind::Hvf => super::run_hvf::run(&args),
     }
 }
 

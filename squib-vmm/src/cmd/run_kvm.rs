@@ -18,12 +18,14 @@ pub use linux::run;
 
 #[cfg(target_os = "linux")]
 mod linux {
+    use std::io::Write;
     use std::time::Duration;
 
     use anyhow::Context as _;
-    use squib_kvm_sim::kvm::runner::{self, CountingSink, RunConfig, RunReport};
+    use squib_arch::PageGeometry;
+    use squib_kvm_sim::kvm::runner::{self, RunConfig, RunReport};
     use squib_kvm_sim::kvm::{MemoryLayout, Tracking, VmConfig, Workload};
-    use squib_snapshot::TrackingConfig;
+    use squib_snapshot::{ChainSink, CountingSink, TrackingConfig};
 
     use super::super::run::TrackingKind;
     use super::{CmdResult, RunArgs};
@@ -70,23 +72,39 @@ mod linux {
             run_for: args.run_for.unwrap_or(DEFAULT_RUN_FOR),
             checkpoint_every: args.snapshot_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
         };
-        // Snapshot files are written once the snapshot-file writer is wired in; until then the
-        // sink only counts, and the checkpoints are reported.
-        let report = runner::run(&cfg, &mut CountingSink).context("squib run --backend kvm")?;
+        // With --snapshot-dir every checkpoint is saved: the first full, the rest diffs chained to
+        // it; the last is taken with the vCPUs paused.
+        let (report, saved) = match &args.snapshot_dir {
+            Some(dir) => {
+                let mut sink = ChainSink::create(dir, "kvm", PageGeometry::X86_64)
+                    .with_context(|| format!("--snapshot-dir {}", dir.display()))?;
+                let report = runner::run(&cfg, &mut sink).context("squib run --backend kvm")?;
+                (report, sink.saved().len())
+            }
+            None => (
+                runner::run(&cfg, &mut CountingSink).context("squib run --backend kvm")?,
+                0,
+            ),
+        };
         let t = &report.tracker;
         let cost = cfg
             .tracking
             .cost
             .cost_us(t.faults, t.protect_calls, t.dirty_bytes);
-        if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json(&report, spec, cost, &cfg, args))?
-            );
+        let mut out = std::io::stdout().lock();
+        let printed = if args.json {
+            let text = serde_json::to_string_pretty(&json(&report, spec, cost, &cfg, args, saved))?;
+            writeln!(out, "{text}")
         } else {
-            print_summary(&report, spec, cost, args, &cfg);
+            print_summary(&mut out, &report, spec, cost, args, &cfg, saved)
+        };
+        match printed {
+            // A reader that went away (`| head`) is not an error of the run.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(anyhow::Error::new(e).context("writing the summary"))
+            }
+            _ => Ok(std::process::ExitCode::SUCCESS),
         }
-        Ok(std::process::ExitCode::SUCCESS)
     }
 
     const fn tracking_name(t: Tracking) -> &'static str {
@@ -96,7 +114,14 @@ mod linux {
         }
     }
 
-    fn json(r: &RunReport, spec: &str, cost: f64, cfg: &RunConfig, args: &RunArgs) -> serde_json::Value {
+    fn json(
+        r: &RunReport,
+        spec: &str,
+        cost: f64,
+        cfg: &RunConfig,
+        args: &RunArgs,
+        saved: usize,
+    ) -> serde_json::Value {
         let checkpoints: Vec<_> = r
             .checkpoints
             .iter()
@@ -133,7 +158,7 @@ mod linux {
             "tracker": r.tracker,
             "checkpoints": checkpoints,
             "modelled_cost_us": cost,
-            "snapshots_written": 0,
+            "snapshots_written": saved,
         })
     }
 
@@ -142,35 +167,48 @@ mod linux {
         b as f64 / f64::from(1u32 << 20)
     }
 
-    fn print_summary(r: &RunReport, spec: &str, cost: f64, args: &RunArgs, cfg: &RunConfig) {
+    fn print_summary(
+        out: &mut impl Write,
+        r: &RunReport,
+        spec: &str,
+        cost: f64,
+        args: &RunArgs,
+        cfg: &RunConfig,
+        saved: usize,
+    ) -> std::io::Result<()> {
         let t = &r.tracker;
         let slots: Vec<String> = cfg.vm.layout.ram().iter().map(ToString::to_string).collect();
-        println!(
+        writeln!(
+            out,
             "squib run: kvm backend ({} tracking), {} MiB in memslots {}, {} vCPU(s), workload {spec}, policy {}",
             tracking_name(cfg.vm.tracking),
             args.mem >> 20,
             slots.join(" + "),
             args.vcpus,
             args.policy
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "ran {:.2} s: {} guest writes, {} progress exits, {} uffd faults served",
             r.elapsed.as_secs_f64(),
             r.writes,
             r.progress_exits,
             r.faults_served
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "faults {}  re-grants {}  protect calls {}  step-downs {}  step-ups {}",
             t.faults, t.regrants, t.protect_calls, t.step_downs, t.step_ups
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "checkpoints {} (live, every {}; the last, with vCPUs paused, closes the run), dirty MiB per checkpoint:",
             r.checkpoints.len(),
             humantime::format_duration(cfg.checkpoint_every)
-        );
+        )?;
         for c in &r.checkpoints {
-            println!(
+            writeln!(
+                out,
                 "  #{:<4} at {:>9.1} ms  {:>9.2} MiB in {:>6} ranges  ({:.0} µs){}",
                 c.index,
                 c.at_ms,
@@ -178,20 +216,22 @@ mod linux {
                 c.ranges,
                 c.took_us,
                 if c.paused { "  paused" } else { "" }
-            );
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "total dirty {:.2} MiB; modelled cost {:.0} µs",
             mib(t.dirty_bytes),
             cost
-        );
+        )?;
         if let Some(dir) = &args.snapshot_dir {
-            println!(
-                "note: snapshot files are not written by this build; {} checkpoints were reported, nothing was saved to {}",
-                r.checkpoints.len(),
+            writeln!(
+                out,
+                "snapshots: {saved} written to {} (the first full, the rest diffs chained to it)",
                 dir.display()
-            );
+            )?;
         }
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! and the reason and the exit status is non-zero. `verify` exits 0 only when the whole chain is
 //! sound. `--json` output goes to standard output only.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -117,6 +118,7 @@ fn created(s: &SnapshotState) -> String {
 }
 
 fn inspect(dir: &std::path::Path, as_json: bool) -> CmdResult {
+    let mut o = std::io::stdout().lock();
     let snap = LoadedSnapshot::open(dir)?;
     let s = &snap.state;
     if as_json {
@@ -137,44 +139,47 @@ fn inspect(dir: &std::path::Path, as_json: bool) -> CmdResult {
             "created_unix_ms": s.created_unix_ms,
             "created": created(s),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("snapshot  {}", snap.dir.display());
-    println!("type      {}", s.kind.name());
-    println!("id        {}", s.id);
+    writeln!(o, "snapshot  {}", snap.dir.display())?;
+    writeln!(o, "type      {}", s.kind.name())?;
+    writeln!(o, "id        {}", s.id)?;
     match &s.parent {
-        Some(p) => println!("parent    {} ({})", p.dir, p.id),
-        None => println!("parent    -"),
+        Some(p) => writeln!(o, "parent    {} ({})", p.dir, p.id)?,
+        None => writeln!(o, "parent    -")?,
     }
-    println!("backend   {}", s.backend);
-    println!("geometry  {}", geometry_name(&s.geometry));
-    println!("created   {}", created(s));
-    println!("regions   {}", s.layout.len());
+    writeln!(o, "backend   {}", s.backend)?;
+    writeln!(o, "geometry  {}", geometry_name(&s.geometry))?;
+    writeln!(o, "created   {}", created(s))?;
+    writeln!(o, "regions   {}", s.layout.len())?;
     for r in &s.layout {
-        println!(
+        writeln!(
+            o,
             "  {:#014x}..{:#014x}  {:>12} bytes  at file offset {:#x}",
             r.gpa,
             r.gpa + r.len,
             r.len,
             r.file_offset
-        );
+        )?;
     }
-    println!("extents   {}", s.extents.len());
-    println!("dirty     {} bytes of {}", s.extent_bytes(), s.layout_bytes());
-    println!("vcpus     {}", s.vcpus.len());
-    println!(
+    writeln!(o, "extents   {}", s.extents.len())?;
+    writeln!(o, "dirty     {} bytes of {}", s.extent_bytes(), s.layout_bytes())?;
+    writeln!(o, "vcpus     {}", s.vcpus.len())?;
+    writeln!(
+        o,
         "devices   {}",
         s.devices
             .iter()
             .map(|d| format!("{} ({} bytes)", d.name, d.data.len()))
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn verify_cmd(dir: &std::path::Path, as_json: bool) -> CmdResult {
+    let mut o = std::io::stdout().lock();
     let report = verify(dir)?;
     if as_json {
         let v = json!({
@@ -184,19 +189,20 @@ fn verify_cmd(dir: &std::path::Path, as_json: bool) -> CmdResult {
             "bytes_checked": report.bytes_checked,
             "problems": report.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         for p in &report.problems {
             eprintln!("squib: {p}");
         }
-        println!(
+        writeln!(
+            o,
             "{}: {} ({} snapshots, {} extents, {} bytes checked)",
             dir.display(),
             if report.is_sound() { "sound" } else { "CORRUPT" },
             report.chain.len(),
             report.extents_checked,
             report.bytes_checked
-        );
+        )?;
     }
     Ok(if report.is_sound() {
         ExitCode::SUCCESS
@@ -212,6 +218,7 @@ fn restore_cmd(
     dump: Option<PathBuf>,
     as_json: bool,
 ) -> CmdResult {
+    let mut o = std::io::stdout().lock();
     let started = Instant::now();
     let chain = Chain::load(dir)?;
     chain.check_target(backend.map(backend_name), None)?;
@@ -237,18 +244,19 @@ fn restore_cmd(
             "restore_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             "dump": dump,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!(
+        writeln!(
+            o,
             "restored {} ({} snapshots, {} bytes of guest memory, {} read, {mode_name}) in {:.2?}",
             dir.display(),
             chain.members.len(),
             restored.state.layout_bytes(),
             restored.bytes_read,
             elapsed
-        );
+        )?;
         if let Some(out) = dump {
-            println!("guest memory written to {}", out.display());
+            writeln!(o, "guest memory written to {}", out.display())?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use squib_arch::PageGeometry;
-use squib_kvm_sim::trace::{ReplayConfig, ReplayReport, TraceFormat, replay_path};
+use squib_kvm_sim::trace::{
+    Event, EventReader, ReplayConfig, ReplayReport, TraceFormat, decoder, replay_path,
+};
+use squib_kvm_sim::workload::WorkloadSpec;
 use squib_snapshot::Policy;
 
 use super::CmdResult;
@@ -19,6 +22,44 @@ use super::run::{parse_duration, parse_size};
 pub enum TraceCommand {
     /// Replay a write trace through the soft stage-2 and report what a policy costs.
     Replay(ReplayArgs),
+    /// Write a built-in workload's writes as a squib-format trace (deterministic per seed).
+    Generate(GenerateArgs),
+    /// Rewrite a trace (lackey, say) as a squib-format trace of its writes, with the addresses
+    /// and times replay gives them: replaying the result gives the same figures, faster.
+    Convert(ConvertArgs),
+}
+
+/// `squib trace convert` arguments.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The trace (`-` for standard input; gzip is read directly).
+    pub file: PathBuf,
+    /// Its format.
+    #[arg(long, value_enum, default_value = "lackey")]
+    pub format: FormatArg,
+    /// Lackey: trace time each instruction takes, ns.
+    #[arg(long, default_value_t = 0.5)]
+    pub ns_per_instr: f64,
+}
+
+/// `squib trace generate` arguments.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Built-in workload, `NAME[:k=v,...]` (seq, random, hotspot, stride).
+    #[arg(long)]
+    pub workload: String,
+    /// Guest RAM the workload writes (the trace's addresses lie below it).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs whose streams are interleaved, one write each in turn.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Number of writes.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub writes: u64,
+    /// Trace time between consecutive writes, ns.
+    #[arg(long, default_value_t = 200)]
+    pub ns_per_write: u64,
 }
 
 /// Trace formats on the command line.
@@ -84,6 +125,8 @@ pub struct ReplayArgs {
 pub fn run(c: TraceCommand) -> CmdResult {
     match c {
         TraceCommand::Replay(args) => replay_cmd(&args),
+        TraceCommand::Generate(args) => generate_cmd(&args),
+        TraceCommand::Convert(args) => convert_cmd(&args),
     }
 }
 
@@ -105,6 +148,86 @@ fn progress_wrap(
     }
 }
 
+fn generate_cmd(args: &GenerateArgs) -> CmdResult {
+    use std::io::Write as _;
+    let spec: WorkloadSpec = args
+        .workload
+        .parse()
+        .with_context(|| format!("--workload {}", args.workload))?;
+    if args.vcpus == 0 {
+        anyhow::bail!("--vcpus must be at least 1");
+    }
+    let mut streams = (0..args.vcpus)
+        .map(|i| spec.build(args.mem, i, args.vcpus))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--workload {}", args.workload))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    writeln!(
+        out,
+        "# squib trace generate --workload {} --mem {} --vcpus {} --writes {} --ns-per-write {}",
+        args.workload, args.mem, args.vcpus, args.writes, args.ns_per_write
+    )?;
+    let mut t: u64 = 0;
+    for i in 0..args.writes {
+        let n = streams.len();
+        let Some((gpa, len)) = streams[usize::try_from(i).unwrap_or(0) % n].next_write() else {
+            break;
+        };
+        writeln!(out, "{t} {gpa:#x} {len}")?;
+        t = t.saturating_add(args.ns_per_write);
+    }
+    out.flush()?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn convert_cmd(args: &ConvertArgs) -> CmdResult {
+    use std::io::Write as _;
+    let format = match args.format {
+        FormatArg::Squib => TraceFormat::Squib,
+        FormatArg::Lackey => TraceFormat::Lackey,
+    };
+    if !args.ns_per_instr.is_finite() || args.ns_per_instr < 0.0 {
+        anyhow::bail!(
+            "--ns-per-instr {}: must be a finite, non-negative number",
+            args.ns_per_instr
+        );
+    }
+    let raw: Box<dyn Read + Send> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(&args.file)
+                .with_context(|| format!("cannot open trace {}", args.file.display()))?,
+        )
+    };
+    let len = std::fs::metadata(&args.file).ok().map(|m| m.len());
+    let mut wrap = progress_wrap(std::io::stderr().is_terminal());
+    let input = decoder(wrap(raw, len, "convert"))?;
+    let mut events = EventReader::new(input, format, args.ns_per_instr);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    writeln!(
+        out,
+        "# squib trace convert --format {} --ns-per-instr {} {}",
+        match args.format {
+            FormatArg::Squib => "squib",
+            FormatArg::Lackey => "lackey",
+        },
+        args.ns_per_instr,
+        args.file.display()
+    )?;
+    while let Some(e) = events
+        .next_event()
+        .with_context(|| format!("converting {}", args.file.display()))?
+    {
+        match e {
+            Event::Write { t_ns, gpa, len } => writeln!(out, "{t_ns} {gpa:#x} {len}")?,
+            Event::Checkpoint { t_ns } => writeln!(out, "{t_ns} checkpoint")?,
+        }
+    }
+    out.flush()?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn replay_cmd(args: &ReplayArgs) -> CmdResult {
     let policies: Vec<Policy> = if args.policy == "all" {
         Policy::ALL.to_vec()
@@ -115,8 +238,13 @@ fn replay_cmd(args: &ReplayArgs) -> CmdResult {
                 .map_err(|e: String| anyhow::anyhow!("--policy: {e}"))?,
         ]
     };
+    if policies.len() > 1 && args.file.as_os_str() == "-" {
+        anyhow::bail!("--policy all reads the trace once per policy: give a file, not standard input");
+    }
     let show = std::io::stderr().is_terminal();
     let mut reports = Vec::new();
+    // RAM sized from the trace by the first replay serves the others: one scan, not four.
+    let mut mem = args.mem;
     for policy in policies {
         let mut cfg = ReplayConfig::new(policy);
         cfg.format = match args.format {
@@ -134,8 +262,11 @@ fn replay_cmd(args: &ReplayArgs) -> CmdResult {
         cfg.tracking.cost.write_bytes_per_us = args.write_bytes_per_us;
         let started = Instant::now();
         let mut wrap = progress_wrap(show);
-        let report = replay_path(&args.file, &cfg, args.mem, &mut wrap)
+        let report = replay_path(&args.file, &cfg, mem, &mut wrap)
             .with_context(|| format!("replaying {} under {policy}", args.file.display()))?;
+        if mem.is_none() && report.mem_bytes > 0 {
+            mem = Some(report.mem_bytes);
+        }
         reports.push((report, started.elapsed()));
     }
     if args.json {
@@ -193,5 +324,74 @@ fn print_table(args: &ReplayArgs, reports: &[(ReplayReport, Duration)]) {
             r.modelled_cost_us,
             r.writes as f64 / took.as_secs_f64().max(1e-9)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        c: TraceCommand,
+    }
+
+    #[test]
+    fn test_should_parse_replay_flags_with_design_md_defaults() {
+        let Cli {
+            c: TraceCommand::Replay(a),
+        } = Cli::try_parse_from(["t", "replay", "x.trace"]).unwrap()
+        else {
+            panic!("not a replay");
+        };
+        assert_eq!(
+            (a.format, a.geometry, a.policy.as_str()),
+            (FormatArg::Squib, GeometryArg::AppleSilicon, "adaptive")
+        );
+        assert_eq!(a.checkpoint_every, Duration::from_millis(100));
+        assert_eq!(
+            (a.fault_us, a.protect_us, a.write_bytes_per_us, a.ns_per_instr),
+            (4.0, 120.0, 500.0, 0.5)
+        );
+        let Cli {
+            c: TraceCommand::Replay(a),
+        } = Cli::try_parse_from([
+            "t",
+            "replay",
+            "-",
+            "--format",
+            "lackey",
+            "--geometry",
+            "x86-64",
+            "--mem",
+            "64M",
+            "--checkpoint-every",
+            "5ms",
+        ])
+        .unwrap()
+        else {
+            panic!("not a replay");
+        };
+        assert_eq!(
+            (a.format, a.geometry, a.mem),
+            (FormatArg::Lackey, GeometryArg::X86_64, Some(64 << 20))
+        );
+        assert!(Cli::try_parse_from(["t", "replay", "x", "--mem", "12Q"]).is_err());
+    }
+
+    #[test]
+    fn test_should_refuse_an_unknown_policy_and_all_on_standard_input() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap() {
+            Cli {
+                c: TraceCommand::Replay(a),
+            } => a,
+            _ => panic!("not a replay"),
+        };
+        let err = replay_cmd(&parse(&["t", "replay", "x", "--policy", "medium"])).unwrap_err();
+        assert!(err.to_string().contains("medium"), "{err}");
+        let err = replay_cmd(&parse(&["t", "replay", "-", "--policy", "all"])).unwrap_err();
+        assert!(err.to_string().contains("standard input"), "{err}");
     }
 }
