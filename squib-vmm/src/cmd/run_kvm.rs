@@ -295,6 +295,9 @@ mod tests {
             return;
         }
         for tracking in ["dirty-log", "uffd-wp"] {
+            // A fresh chain directory per mode: a chain directory is never appended to by a run.
+            let dir = tempfile::tempdir().unwrap();
+            let snaps = dir.path().join("snaps");
             let a = args(&[
                 "--backend",
                 "kvm",
@@ -309,7 +312,7 @@ mod tests {
                 "--snapshot-every",
                 "50ms",
                 "--snapshot-dir",
-                "/nonexistent-squib-test",
+                snaps.to_str().unwrap(),
                 "--for",
                 "150ms",
                 "--json",
