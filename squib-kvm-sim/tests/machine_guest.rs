@@ -6,14 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-
-use squib_arch::GpaRange;
-use squib_kvm_sim::machine::files::{self, SnapshotPaths, SnapshotType};
+use squib_arch::{GpaRange, PageGeometry};
 use squib_kvm_sim::machine::guest::{CounterLine, check, parse};
+use squib_kvm_sim::machine::snapshot::{self, Staging, Target};
 use squib_kvm_sim::machine::{
-    Capture, Console, GUEST_KERNEL, GuestMemory, Machine, MachineConfig, MachineState, RestoreOptions,
-    copy_memory, new_memory,
+    Capture, Console, GUEST_KERNEL, Machine, MachineConfig, MachineState, RestoreOptions, copy_memory,
+    new_memory,
+};
+use squib_snapshot::snapshot::save::save_full;
+use squib_snapshot::snapshot::{
+    ChainWriter, DirectIo, LoadedSnapshot, ParentRef, RestoreMode, SavedSnapshot, SnapshotKind, SnapshotMeta,
+    merge, verify,
 };
 
 /// Generous: CPL0 code is emulated on nested hosts and CI machines are busy.
@@ -267,78 +270,97 @@ fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
     assert!(machine.has_stopped());
 }
 
-// ---- full and diff snapshot files ------------------------------------------
+// ---- full and diff snapshots in squib's snapshot directories ---------------
 
-fn paths(dir: &Path, name: &str) -> SnapshotPaths {
-    SnapshotPaths {
-        state: dir.join(format!("{name}.state")),
-        mem: dir.join(format!("{name}.mem")),
-    }
+/// Wait for fresh user-mode work, pause, append a snapshot to `chain`, and
+/// return the console as it was at the pause.
+fn chain_snapshot(machine: &Machine, capture: &Capture, chain: &mut ChainWriter) -> (String, SavedSnapshot) {
+    wait_for_user_work(capture);
+    machine.pause();
+    let saved = snapshot::save(machine, Target::Chain(chain)).expect("save snapshot");
+    (capture.text(), saved)
 }
 
-fn save(machine: &Machine, kind: SnapshotType, p: &SnapshotPaths) {
-    files::save(machine, kind, &p.state, &p.mem).expect("save snapshot");
+/// Restore the snapshot at `dir` (a chain leaf or a full snapshot) in this
+/// process and check that the guest carries on from `before`.
+fn restore_and_check(dir: &Path, mode: RestoreMode, before: &str, vcpus: usize) {
+    let loaded = snapshot::load(dir, mode).expect("load snapshot");
+    let at_pause = parse(before).last().expect("a line").counter;
+    let after = Capture::default();
+    let console = Console::new().with_sink(Box::new(after.clone()));
+    let restored =
+        Machine::restore(&loaded.state, loaded.memory, console, RestoreOptions::default()).expect("restore");
+    let reached = after.wait_until(TIMEOUT, |t| {
+        parse(&format!("{before}{t}"))
+            .last()
+            .is_some_and(|l| l.counter >= at_pause + 3)
+    });
+    let all = format!("{before}{}", after.text());
+    assert!(reached, "{}: no COUNTER {}:\n{all}", dir.display(), at_pause + 3);
+    if let Err(e) = check(&parse(&all), vcpus) {
+        panic!("{}: {e}\nconsole:\n{all}", dir.display());
+    }
+    assert_eq!(restored.failure(), None);
 }
 
 #[test]
-fn test_should_restore_guest_from_merge_of_full_base_and_three_diffs() {
+fn test_should_restore_guest_from_chain_of_full_base_and_three_diffs_and_from_its_merge() {
     if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
+    let chain_dir = dir.path().join("chain");
+    let mut chain = ChainWriter::create(&chain_dir).expect("chain");
     let (machine, capture) = boot(2);
     wait_for_counter(&machine, &capture, 1);
-    machine.pause();
-    let base = paths(dir.path(), "base");
-    save(&machine, SnapshotType::Full, &base);
-    machine.resume();
-    let mut diffs = Vec::new();
+    let (_, base) = chain_snapshot(&machine, &capture, &mut chain);
+    assert_eq!(base.kind, SnapshotKind::Full);
+    let mut before = String::new();
     for i in 0..3 {
+        machine.resume();
         // The guest writes all over its work regions between two diffs.
-        wait_for_user_work(&capture);
-        machine.pause();
-        let d = paths(dir.path(), &format!("diff{i}"));
-        save(&machine, SnapshotType::Diff, &d);
-        let held: u64 = files::read_state(&d.state)
-            .expect("diff state")
-            .extents
-            .iter()
-            .map(|e| e.len())
-            .sum();
+        let (text, d) = chain_snapshot(&machine, &capture, &mut chain);
+        assert_eq!(d.kind, SnapshotKind::Diff);
         assert!(
-            held > 0 && held < 64 << 20,
-            "diff {i} holds {held} bytes: neither empty nor all of RAM"
+            d.extent_bytes > 0 && d.extent_bytes < 64 << 20,
+            "diff {i} holds {} bytes: neither empty nor all of RAM",
+            d.extent_bytes
         );
-        diffs.push(d);
-        if i < 2 {
-            machine.resume();
-        }
+        before = text;
     }
-    let before = capture.text();
-    let at_pause = parse(&before).last().expect("a line").counter;
+    let leaf = chain.leaf().expect("leaf");
     drop(machine);
 
-    // A diff alone is not loadable; the merge of the chain is.
-    let err = files::load(&diffs[2].state, &diffs[2].mem)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("diff2.state") && err.contains("merge"), "{err}");
-    let merged = paths(dir.path(), "merged");
-    files::merge(&base, &diffs, &merged).expect("merge");
-    let (state, memory) = files::load(&merged.state, &merged.mem).expect("load merged");
-    let after = Capture::default();
-    let console = Console::new().with_sink(Box::new(after.clone()));
-    let restored = Machine::restore(&state, memory, console, RestoreOptions::default()).expect("restore");
-    assert!(after.wait_until(TIMEOUT, |t| {
-        parse(&format!("{before}{t}"))
-            .last()
-            .is_some_and(|l| l.counter >= at_pause + 3)
-    }));
-    let all = format!("{before}{}", after.text());
-    if let Err(e) = check(&parse(&all), 2) {
-        panic!("{e}\nconsole:\n{all}");
+    // The chain restores (base mapped copy-on-write, diffs applied), and so does its merge.
+    restore_and_check(&leaf, RestoreMode::Lazy, &before, 2);
+    let merged = dir.path().join("merged");
+    merge(std::slice::from_ref(&leaf), &merged).expect("merge");
+    restore_and_check(&merged, RestoreMode::Eager, &before, 2);
+    assert!(verify(&leaf).expect("verify chain").is_sound());
+}
+
+#[test]
+fn test_should_restore_guest_from_a_chain_of_diffs_written_after_the_guest_resumed() {
+    if !kvm_available() {
+        return;
     }
-    assert_eq!(restored.failure(), None);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut chain = ChainWriter::create(dir.path()).expect("chain");
+    let (machine, capture) = boot(2);
+    wait_for_counter(&machine, &capture, 1);
+    let staging = Staging::for_machine(&machine).expect("staging");
+    let mut before = String::new();
+    for i in 0..4 {
+        wait_for_user_work(&capture);
+        let live = snapshot::save_live_diff(&machine, &mut chain, &staging, || before = capture.text())
+            .expect("live save");
+        assert_eq!(live.saved.kind == SnapshotKind::Full, i == 0);
+        assert!(!machine.is_paused(), "the guest runs on after a live save");
+    }
+    // The guest keeps writing its work regions while and after the last diff is written.
+    wait_for_user_work(&capture);
+    drop(machine);
+    restore_and_check(&chain.leaf().expect("leaf"), RestoreMode::Lazy, &before, 2);
 }
 
 #[test]
@@ -350,50 +372,83 @@ fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
     let (machine, capture) = boot(1);
     wait_for_counter(&machine, &capture, 1);
     machine.pause();
-    save(&machine, SnapshotType::Full, &paths(dir.path(), "base"));
+    let base_dir = dir.path().join("base");
+    let base = snapshot::save(&machine, Target::Full(&base_dir)).expect("full");
     machine.resume();
     wait_for_user_work(&capture);
     machine.pause();
-    let nowhere = paths(&dir.path().join("missing"), "diff");
-    let err = files::save(&machine, SnapshotType::Diff, &nowhere.state, &nowhere.mem)
+    let parent = ParentRef {
+        id: base.id,
+        dir: "base".to_owned(),
+    };
+    let nowhere = dir.path().join("missing").join("diff");
+    let err = snapshot::save(&machine, Target::Diff(&nowhere, parent.clone()))
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing"), "{err}");
     // The guest has not run since: every page in this diff comes from the failed one.
-    let retry = paths(dir.path(), "retry");
-    save(&machine, SnapshotType::Diff, &retry);
-    let extents = files::read_state(&retry.state).expect("state").extents;
+    let retry = dir.path().join("retry");
+    snapshot::save(&machine, Target::Diff(&retry, parent)).expect("retry");
+    let extents = LoadedSnapshot::open(&retry).expect("open").state.extents;
     let work_region = GpaRange::new(0x40_0000, 1 << 20).expect("range");
     assert!(
-        extents.iter().any(|e| e.intersect(&work_region).is_some()),
+        extents.iter().any(|e| GpaRange::new(e.gpa, e.len)
+            .expect("extent")
+            .intersect(&work_region)
+            .is_some()),
         "the retried diff lost the guest's writes: {extents:?}"
     );
 }
 
 #[test]
-fn test_should_refuse_state_file_with_extent_beyond_guest_memory() {
+fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let memory = new_memory(4 << 20).expect("memory");
+    let plain = dir.path().join("plain");
+    save_full(
+        &plain,
+        &memory,
+        &SnapshotMeta::new(snapshot::BACKEND, PageGeometry::X86_64),
+        &DirectIo,
+    )
+    .expect("save");
+    let err = snapshot::load(&plain, RestoreMode::Lazy).unwrap_err().to_string();
+    assert!(
+        err.contains("plain/state") && err.contains("kvm-machine"),
+        "{err}"
+    );
+    let soft = dir.path().join("soft");
+    save_full(
+        &soft,
+        &memory,
+        &SnapshotMeta::new("soft", PageGeometry::X86_64),
+        &DirectIo,
+    )
+    .expect("save");
+    let err = snapshot::load(&soft, RestoreMode::Lazy).unwrap_err().to_string();
+    assert!(err.contains("backend mismatch"), "{err}");
+}
+
+#[test]
+fn test_should_refuse_a_diff_of_a_machine_that_does_not_track_dirty_pages() {
     if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let (machine, capture) = boot(1);
-    wait_for_counter(&machine, &capture, 1);
+    let config = MachineConfig {
+        mem_size: 64 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        track_dirty_pages: false,
+    };
+    let machine = Machine::boot(&config, Path::new(GUEST_KERNEL), Console::new()).expect("boot");
     machine.pause();
-    let base = paths(dir.path(), "base");
-    save(&machine, SnapshotType::Full, &base);
-    let bytes = std::fs::read(&base.state).expect("read");
-    let text = String::from_utf8_lossy(&bytes[8..]).into_owned();
-    let evil = text.replacen(
-        &format!("\"len\":{}", 64u64 << 20),
-        &format!("\"len\":{}", 128u64 << 20),
-        1,
-    );
-    assert_ne!(evil, text, "the extent was rewritten");
-    let mut out = bytes[..8].to_vec();
-    out.extend_from_slice(evil.as_bytes());
-    std::fs::write(&base.state, out).expect("write");
-    let err = files::load(&base.state, &base.mem).unwrap_err().to_string();
-    assert!(err.contains("base.state") && err.contains("beyond"), "{err}");
+    let mut chain = ChainWriter::create(dir.path()).expect("chain");
+    snapshot::save(&machine, Target::Chain(&mut chain)).expect("full without tracking");
+    let err = snapshot::save(&machine, Target::Chain(&mut chain))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tracks dirty pages"), "{err}");
 }
 
 // ---- across processes ------------------------------------------------------
@@ -401,24 +456,7 @@ fn test_should_refuse_state_file_with_extent_beyond_guest_memory() {
 const CHILD_ROLE: &str = "SQUIB_GUEST_CHILD_ROLE";
 const CHILD_DIR: &str = "SQUIB_GUEST_CHILD_DIR";
 const CHILD_VCPUS: &str = "SQUIB_GUEST_CHILD_VCPUS";
-
-fn save_memory(memory: &GuestMemory, path: &Path) {
-    let len = usize::try_from(memory.last_addr().0 + 1).expect("memory size");
-    let mut buf = vec![0u8; len];
-    memory
-        .read_slice(&mut buf, GuestAddress(0))
-        .expect("read guest memory");
-    std::fs::write(path, buf).expect("write memory file");
-}
-
-fn load_memory(path: &Path) -> GuestMemory {
-    let buf = std::fs::read(path).expect("read memory file");
-    let memory = new_memory(u64::try_from(buf.len()).expect("size")).expect("map memory");
-    memory
-        .write_slice(&buf, GuestAddress(0))
-        .expect("fill guest memory");
-    memory
-}
+const CHILD_SNAPSHOT: &str = "SQUIB_GUEST_CHILD_SNAPSHOT";
 
 /// Write `bytes` so that a reader sees the whole file or none of it.
 fn write_atomically(path: &Path, bytes: &[u8]) {
@@ -428,8 +466,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
 }
 
 /// The two halves of the cross-process test, run in child processes of this
-/// test binary: `boot` boots, snapshots while the guest runs and keeps running
-/// until it is killed; `restore` restores the snapshot and runs the guest on.
+/// test binary: `boot` boots, writes a chain (a full base and three diffs a
+/// second apart) while the guest runs and keeps running until it is killed;
+/// `restore` restores a snapshot and runs the guest on.
 #[test]
 #[ignore = "a child process of test_should_restore_running_guest_in_a_new_process_after_kill_9"]
 fn guest_child_process() {
@@ -442,12 +481,18 @@ fn guest_child_process() {
         "boot" => {
             let (machine, capture) = boot(vcpus);
             wait_for_counter(&machine, &capture, 2);
-            machine.pause();
-            let state = machine.capture().expect("capture");
-            save_memory(machine.memory(), &dir.join("memory.raw"));
-            std::fs::write(dir.join("console.txt"), capture.text()).expect("write console");
-            // Last: its presence tells the parent the snapshot is complete.
-            write_atomically(&dir.join("state.json"), &state.to_bytes());
+            let mut chain = ChainWriter::create(&dir.join("chain")).expect("chain");
+            chain_snapshot(&machine, &capture, &mut chain);
+            let mut console = String::new();
+            for _ in 0..3 {
+                machine.resume();
+                std::thread::sleep(Duration::from_secs(1));
+                console = chain_snapshot(&machine, &capture, &mut chain).0;
+            }
+            std::fs::write(dir.join("console.txt"), console).expect("write console");
+            let leaf = chain.leaf().expect("leaf");
+            // Last: its presence tells the parent the chain is complete.
+            write_atomically(&dir.join("leaf"), leaf.as_os_str().as_encoded_bytes());
             machine.resume();
             // Keep the guest running until the parent kills this process.
             loop {
@@ -456,25 +501,21 @@ fn guest_child_process() {
             }
         }
         "restore" => {
-            let state = MachineState::from_bytes(&std::fs::read(dir.join("state.json")).expect("read state"))
-                .expect("decode state");
+            let snap = PathBuf::from(std::env::var(CHILD_SNAPSHOT).expect("child snapshot"));
             let before = std::fs::read_to_string(dir.join("console.txt")).expect("console");
             let at_pause = parse(&before).last().expect("a line").counter;
+            let loaded = snapshot::load(&snap, RestoreMode::Lazy).expect("load");
             let after = Capture::default();
             let console = Console::new().with_sink(Box::new(after.clone()));
-            let restored = Machine::restore(
-                &state,
-                load_memory(&dir.join("memory.raw")),
-                console,
-                RestoreOptions::default(),
-            )
-            .expect("restore");
+            let restored = Machine::restore(&loaded.state, loaded.memory, console, RestoreOptions::default())
+                .expect("restore");
             after.wait_until(TIMEOUT, |t| {
                 parse(&format!("{before}{t}"))
                     .last()
                     .is_some_and(|l| l.counter >= at_pause + 3)
             });
-            std::fs::write(dir.join("restored-console.txt"), after.text()).expect("write");
+            let name = snap.file_name().expect("name").to_string_lossy().into_owned();
+            std::fs::write(dir.join(format!("restored-{name}.txt")), after.text()).expect("write");
             assert_eq!(restored.failure(), None);
         }
         other => panic!("unknown child role {other:?}"),
@@ -490,6 +531,32 @@ fn child(role: &str, dir: &Path, vcpus: u8) -> Command {
     cmd
 }
 
+fn restore_child(dir: &Path, snap: &Path, vcpus: u8) {
+    let out = child("restore", dir, vcpus)
+        .env(CHILD_SNAPSHOT, snap)
+        .output()
+        .expect("run restore child");
+    assert!(
+        out.status.success(),
+        "restore child of {} failed: {}\n{}",
+        snap.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = std::fs::read_to_string(dir.join("console.txt")).expect("console");
+    let name = snap.file_name().expect("name").to_string_lossy().into_owned();
+    let after = std::fs::read_to_string(dir.join(format!("restored-{name}.txt"))).expect("console");
+    let at_pause = parse(&before).last().expect("a line").counter;
+    let all = parse(&format!("{before}{after}"));
+    assert!(
+        all.last().is_some_and(|l| l.counter >= at_pause + 3),
+        "guest restored from {} did not reach COUNTER {}:\n{after}",
+        snap.display(),
+        at_pause + 3
+    );
+    assert_consistent(&all, usize::from(vcpus));
+}
+
 fn restore_in_new_process(vcpus: u8) {
     if !kvm_available() {
         return;
@@ -499,11 +566,11 @@ fn restore_in_new_process(vcpus: u8) {
         .spawn()
         .expect("spawn boot child");
     let deadline = Instant::now() + TIMEOUT;
-    while !dir.path().join("state.json").exists() {
+    while !dir.path().join("leaf").exists() {
         if let Some(status) = booted.try_wait().expect("poll boot child") {
-            panic!("boot child ended before its snapshot: {status}");
+            panic!("boot child ended before its snapshots: {status}");
         }
-        assert!(Instant::now() < deadline, "no snapshot within {TIMEOUT:?}");
+        assert!(Instant::now() < deadline, "no snapshot chain within {TIMEOUT:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     // The guest runs on after the snapshot; then the process dies without warning.
@@ -515,25 +582,11 @@ fn restore_in_new_process(vcpus: u8) {
     booted.kill().expect("kill -9 the boot child");
     booted.wait().expect("reap boot child");
 
-    let out = child("restore", dir.path(), vcpus)
-        .output()
-        .expect("run restore child");
-    assert!(
-        out.status.success(),
-        "restore child failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let before = std::fs::read_to_string(dir.path().join("console.txt")).expect("console");
-    let after = std::fs::read_to_string(dir.path().join("restored-console.txt")).expect("console");
-    let at_pause = parse(&before).last().expect("a line").counter;
-    let all = parse(&format!("{before}{after}"));
-    assert!(
-        all.last().is_some_and(|l| l.counter >= at_pause + 3),
-        "restored guest did not reach COUNTER {}:\n{after}",
-        at_pause + 3
-    );
-    assert_consistent(&all, usize::from(vcpus));
+    let leaf = PathBuf::from(std::fs::read_to_string(dir.path().join("leaf")).expect("leaf"));
+    restore_child(dir.path(), &leaf, vcpus);
+    let merged = dir.path().join("merged");
+    merge(std::slice::from_ref(&leaf), &merged).expect("merge");
+    restore_child(dir.path(), &merged, vcpus);
 }
 
 #[test]

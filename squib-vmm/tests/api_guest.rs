@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use squib_kvm_sim::machine::GUEST_KERNEL;
-use squib_kvm_sim::machine::files::{self, SnapshotPaths};
 use squib_kvm_sim::machine::guest::{check, parse};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -128,11 +127,26 @@ impl Drop for Squib {
     }
 }
 
-fn create_body(kind: &str, p: &SnapshotPaths) -> String {
+/// Firecracker's create body; `snapshot_path` names squib's snapshot directory by its state file.
+fn create_body(kind: &str, dir: &Path) -> String {
     serde_json::json!({
-        "snapshot_type": kind, "snapshot_path": p.state, "mem_file_path": p.mem,
+        "snapshot_type": kind, "snapshot_path": dir.join("state"), "mem_file_path": dir.join("memory"),
     })
     .to_string()
+}
+
+/// Run `squib ARGS`, returning its standard output; panics with its error output on failure.
+fn squib(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_squib"))
+        .args(args)
+        .output()
+        .expect("run squib");
+    assert!(
+        out.status.success(),
+        "squib {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 #[test]
@@ -141,10 +155,9 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let snap = |name: &str| SnapshotPaths {
-        state: dir.path().join(format!("{name}.state")),
-        mem: dir.path().join(format!("{name}.mem")),
-    };
+    let snaps = dir.path().join("snaps");
+    std::fs::create_dir(&snaps).expect("snapshot directory");
+    let snap = |name: &str| snaps.join(name);
 
     let a = Squib::spawn(dir.path(), "a");
     let (code, info) = a.call("GET", "/", "");
@@ -176,7 +189,16 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
     assert!(fault.contains("paused"), "{fault}");
 
     a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    // A diff needs a snapshot to chain to, beside it.
+    let (code, fault) = a.call("PUT", "/snapshot/create", &create_body("Diff", &snap("early")));
+    assert_eq!(code, 400);
+    assert!(fault.contains("create a Full first"), "{fault}");
     a.ok("PUT", "/snapshot/create", &create_body("Full", &base));
+    let elsewhere = dir.path().join("elsewhere");
+    let (code, fault) = a.call("PUT", "/snapshot/create", &create_body("Diff", &elsewhere));
+    assert_eq!(code, 400);
+    assert!(fault.contains("beside its parent"), "{fault}");
+    assert!(!elsewhere.exists() && !snap("early").exists());
     a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
     // Three diffs of the running guest, a few timer periods apart.
     let mut diffs = Vec::new();
@@ -196,15 +218,39 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
     a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter > at_pause + 1));
     drop(a);
 
+    // squib's snapshot command works on machine snapshots: verify the chain, merge it, inspect.
+    let leaf = diffs.last().expect("a diff").clone();
     let merged = snap("merged");
-    files::merge(&base, &diffs, &merged).expect("merge the chain");
+    let verified = squib(&["snapshot".as_ref(), "verify".as_ref(), leaf.as_os_str()]);
+    assert!(verified.contains("sound (4 snapshots"), "{verified}");
+    squib(&[
+        "snapshot".as_ref(),
+        "merge".as_ref(),
+        base.as_os_str(),
+        leaf.as_os_str(),
+        "--out".as_ref(),
+        merged.as_os_str(),
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&squib(&[
+        "snapshot".as_ref(),
+        "inspect".as_ref(),
+        merged.as_os_str(),
+        "--json".as_ref(),
+    ]))
+    .expect("inspect json");
+    assert_eq!(info["type"], "full", "{info}");
+    assert_eq!(info["backend"], "kvm", "{info}");
+    assert_eq!(info["vcpus"], 2, "{info}");
+    assert!(info["devices"].to_string().contains("kvm-machine"), "{info}");
+
+    // A new process loads the chain through its leaf (the diff) and the guest carries on.
     let b = Squib::spawn(dir.path(), "b");
     b.ok(
         "PUT",
         "/snapshot/load",
         &serde_json::json!({
-            "snapshot_path": merged.state,
-            "mem_backend": {"backend_path": merged.mem, "backend_type": "File"},
+            "snapshot_path": leaf.join("state"),
+            "mem_backend": {"backend_path": leaf.join("memory"), "backend_type": "File"},
             "resume_vm": true,
         })
         .to_string(),
@@ -221,6 +267,24 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
     if let Err(e) = check(&parse(&all), 2) {
         panic!("{e}\nconsole:\n{all}");
     }
+    drop(b);
+
+    // And so does the merge, loaded by naming its directory.
+    let c = Squib::spawn(dir.path(), "c");
+    c.ok(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": merged, "resume_vm": true}).to_string(),
+    );
+    let after = c.wait_console(|t| {
+        parse(&format!("{before}{t}"))
+            .last()
+            .is_some_and(|l| l.counter >= at_pause + 3)
+    });
+    let all = format!("{before}{after}");
+    if let Err(e) = check(&parse(&all), 2) {
+        panic!("{e}\nconsole:\n{all}");
+    }
 }
 
 #[test]
@@ -229,18 +293,28 @@ fn test_should_refuse_a_guest_snapshot_that_is_not_one_naming_the_file() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("vm.state");
-    let mem = dir.path().join("vm.mem");
-    std::fs::write(&state, b"not a snapshot").expect("write");
-    std::fs::write(&mem, b"").expect("write");
+    let vm = dir.path().join("vm");
+    std::fs::create_dir(&vm).expect("mkdir");
+    std::fs::write(vm.join("state"), b"not a snapshot, though longer than a header").expect("write");
+    std::fs::write(vm.join("memory"), b"").expect("write");
     let s = Squib::spawn(dir.path(), "s");
     let (code, fault) = s.call(
         "PUT",
         "/snapshot/load",
-        &serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string(),
+        &serde_json::json!({"snapshot_path": vm.join("state"), "mem_file_path": vm.join("memory")})
+            .to_string(),
     );
     assert_eq!(code, 400);
-    assert!(fault.contains("vm.state") && fault.contains("magic"), "{fault}");
+    assert!(fault.contains("vm/state") && fault.contains("magic"), "{fault}");
+    // Firecracker's separate memory file has no place in squib's snapshot directory.
+    let (code, fault) = s.call(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": vm.join("state"), "mem_file_path": dir.path().join("vm.mem")})
+            .to_string(),
+    );
+    assert_eq!(code, 400);
+    assert!(fault.contains("vm.mem") && fault.contains("vm/memory"), "{fault}");
     let (code, fault) = s.call(
         "PUT",
         "/machine-config",

@@ -36,7 +36,7 @@ fn test_should_boot_guest_kernel_from_the_command_line_with_console_on_stdout_an
     let out = squib()
         .args(["run", "--backend", "kvm", "--kernel", GUEST_KERNEL])
         .args(["--vcpus", "2", "--mem", "64M", "--cmdline", "squib.cli=1"])
-        .args(["--for", "1500ms", "--serial-file"])
+        .args(["--for", "3s", "--serial-file"])
         .arg(&serial)
         .output()
         .expect("run squib");
@@ -51,7 +51,7 @@ fn test_should_boot_guest_kernel_from_the_command_line_with_console_on_stdout_an
         "{stdout}"
     );
     let counters: Vec<&str> = stdout.lines().filter(|l| l.starts_with("COUNTER ")).collect();
-    assert!(!counters.is_empty(), "no COUNTER line in 1.5 s:\n{stdout}");
+    assert!(!counters.is_empty(), "no COUNTER line in 3 s:\n{stdout}");
     assert!(counters[0].starts_with("COUNTER 1 ck0="), "{stdout}");
     assert!(counters[0].contains(" ck1="), "both CPUs report: {stdout}");
     let file = std::fs::read_to_string(&serial).expect("serial file");
@@ -88,4 +88,83 @@ fn test_should_name_the_kernel_file_that_is_not_an_elf() {
         err.contains(&*bogus.to_string_lossy()) && err.contains("not a loadable 64-bit ELF"),
         "{err}"
     );
+}
+
+#[test]
+fn test_should_write_a_chain_while_the_guest_runs_and_resume_it_with_snapshot_restore() {
+    use squib_kvm_sim::machine::guest::{check, parse};
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snaps = dir.path().join("snaps");
+    let out = squib()
+        .args(["run", "--backend", "kvm", "--kernel", GUEST_KERNEL])
+        .args([
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--snapshot-every",
+            "400ms",
+            "--snapshot-dir",
+        ])
+        .arg(&snaps)
+        .args(["--for", "5s", "--json"])
+        .output()
+        .expect("run squib");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "squib failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut members: Vec<String> = std::fs::read_dir(&snaps)
+        .expect("snapshot dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    members.sort();
+    // A busy debug build may take seconds over the first full snapshot: ask for one diff.
+    assert!(members.len() >= 2, "a full and diffs: {members:?}");
+    assert_eq!(members[0], "000000-full");
+    assert!(members[1..].iter().all(|m| m.ends_with("-diff")), "{members:?}");
+    let leaf = snaps.join(members.last().expect("leaf"));
+
+    let verify = squib()
+        .args(["snapshot", "verify"])
+        .arg(&leaf)
+        .output()
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let resumed = squib()
+        .args(["snapshot", "restore"])
+        .arg(&leaf)
+        .args(["--lazy", "--for", "1500ms"])
+        .output()
+        .expect("restore");
+    let after = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success(),
+        "restore failed: {}\n{after}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let lines = parse(&after);
+    let first = lines
+        .first()
+        .unwrap_or_else(|| panic!("no COUNTER line after restore:\n{after}"));
+    // The restored guest continues the stream from a point the original run had reached.
+    let original = parse(&stdout);
+    assert!(
+        original.iter().any(|l| l.counter + 1 == first.counter),
+        "restored stream starts at COUNTER {} which does not follow the original run:\n{stdout}\n---\n{after}",
+        first.counter
+    );
+    if let Err(e) = check(&lines, 2) {
+        panic!("{e}\n{after}");
+    }
 }

@@ -53,11 +53,11 @@
 pub mod boot;
 pub mod console;
 pub mod cpuid;
-pub mod files;
 pub mod guest;
 pub mod layout;
 pub mod mptable;
 pub mod serial;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 
@@ -66,13 +66,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
-    kvm_pit_config, kvm_userspace_memory_region,
+    CpuId, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_enable_cap, kvm_irqchip, kvm_lapic_state, kvm_msr_entry, kvm_pit_config,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
 use squib_arch::GpaRange;
+use squib_snapshot::{DirtyTracker, Policy, TrackingConfig};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vm_superio::Serial;
 use vm_superio::serial::NoEvents;
@@ -80,9 +82,9 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use boot::GuestMemory;
 pub use console::{Capture, Console};
-pub use files::{SnapshotPaths, SnapshotType};
 pub use state::{MachineState, VcpuState};
 
+use crate::kvm::{DirtyLogBackend, MemoryLayout};
 use serial::IrqTrigger;
 use vcpu::{Control, Devices, Want};
 
@@ -157,8 +159,8 @@ pub struct MachineConfig {
     pub vcpus: u8,
     /// Kernel command line.
     pub cmdline: String,
-    /// Log guest writes (KVM's dirty log) so that [`Machine::take_dirty`] can
-    /// say which pages changed: what a diff snapshot needs.
+    /// Track guest writes (KVM's dirty log under squib's [`DirtyTracker`]) so
+    /// that diff snapshots can be taken. Needs RAM in whole 2 MiB.
     pub track_dirty_pages: bool,
 }
 
@@ -192,6 +194,12 @@ impl MachineConfig {
                 layout::MMIO_GAP_START >> 20
             )));
         }
+        if self.track_dirty_pages && !self.mem_size.is_multiple_of(2 << 20) {
+            return Err(MachineError::InvalidConfig(format!(
+                "{} bytes of RAM: dirty-page tracking needs a multiple of 2 MiB",
+                self.mem_size
+            )));
+        }
         if !self.mem_size.is_multiple_of(4096) {
             return Err(MachineError::InvalidConfig(format!(
                 "{} bytes of RAM: not a multiple of 4 KiB",
@@ -204,6 +212,11 @@ impl MachineConfig {
 
 /// Allocate zeroed guest RAM of `size` bytes at guest address 0.
 ///
+/// Why transparent huge pages: a full snapshot reads all of RAM, most of it
+/// never touched by the guest; backed by 4 KiB pages every untouched page costs
+/// a fault on that read, backed by huge pages one fault maps 2 MiB (the huge
+/// zero page). KVM still logs dirty pages at 4 KiB.
+///
 /// # Errors
 /// [`MachineError::Memory`] if the mapping fails.
 pub fn new_memory(size: u64) -> Result<GuestMemory, MachineError> {
@@ -211,10 +224,20 @@ pub fn new_memory(size: u64) -> Result<GuestMemory, MachineError> {
         size,
         reason: e.to_string(),
     })?;
-    GuestMemory::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| MachineError::Memory {
+    let memory = GuestMemory::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| MachineError::Memory {
         size,
         reason: e.to_string(),
-    })
+    })?;
+    for region in memory.iter() {
+        let host = region.as_ptr();
+        // SAFETY: `host` and `region.len()` are exactly the anonymous mapping vm-memory made for
+        // this region; MADV_HUGEPAGE only changes how the kernel backs it (a hint: an error, as
+        // on a kernel without THP, changes nothing and is ignored).
+        unsafe {
+            libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE);
+        }
+    }
+    Ok(memory)
 }
 
 /// A copy of `src` in fresh memory (what a restore from a full snapshot would map).
@@ -250,11 +273,14 @@ pub struct Machine {
     control: Arc<Control>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     devices: Arc<Devices>,
-    vm: VmFd,
+    tracker: Option<DirtyTracker<DirtyLogBackend>>,
+    vm: Arc<VmFd>,
     kvm: Kvm,
-    memory: GuestMemory,
-    track_dirty_pages: bool,
+    memory: Arc<GuestMemory>,
 }
+
+/// The tracker a machine's diffs come from: squib's core over KVM's dirty log.
+pub type MachineTracker = DirtyTracker<DirtyLogBackend>;
 
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -304,7 +330,7 @@ impl Machine {
         Self::start(
             kvm,
             vm,
-            memory,
+            Arc::new(memory),
             vcpus,
             devices,
             Want::Run,
@@ -368,7 +394,15 @@ impl Machine {
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         let want = if paused { Want::Pause } else { Want::Run };
-        let machine = Self::start(kvm, vm, memory, vcpus, devices, want, options.track_dirty_pages)?;
+        let machine = Self::start(
+            kvm,
+            vm,
+            Arc::new(memory),
+            vcpus,
+            devices,
+            want,
+            options.track_dirty_pages,
+        )?;
         if paused {
             // Wait until every thread has parked, so that `is_paused` holds on return.
             machine.pause();
@@ -379,22 +413,30 @@ impl Machine {
     fn start(
         kvm: Kvm,
         vm: VmFd,
-        memory: GuestMemory,
+        memory: Arc<GuestMemory>,
         vcpus: Vec<Arc<Mutex<VcpuFd>>>,
         devices: Arc<Devices>,
         want: Want,
         track_dirty_pages: bool,
     ) -> Result<Self, MachineError> {
+        let vm = Arc::new(vm);
+        // Tracking starts before any vCPU runs: every later guest write is in the dirty log,
+        // every VMM write in vm-memory's bitmap, and the tracker ORs both into each diff.
+        let tracker = if track_dirty_pages {
+            Some(new_tracker(&vm, &memory)?)
+        } else {
+            None
+        };
         let control = Arc::new(Control::new(want));
         let mut machine = Self {
             handles: Vec::new(),
             control,
             vcpus,
             devices,
+            tracker,
             vm,
             kvm,
             memory,
-            track_dirty_pages,
         };
         for (index, fd) in machine.vcpus.iter().enumerate() {
             let handle = vcpu::spawn(
@@ -433,10 +475,16 @@ impl Machine {
         self.control.exited() >= self.handles.len()
     }
 
-    /// Whether the machine logs guest writes ([`MachineConfig::track_dirty_pages`]).
+    /// Whether the machine tracks guest writes ([`MachineConfig::track_dirty_pages`]).
     #[must_use]
     pub fn tracks_dirty_pages(&self) -> bool {
-        self.track_dirty_pages
+        self.tracker.is_some()
+    }
+
+    /// The dirty tracker, when the machine tracks guest writes.
+    #[must_use]
+    pub fn tracker(&self) -> Option<&MachineTracker> {
+        self.tracker.as_ref()
     }
 
     /// Whether the vCPUs are parked by [`Machine::pause`] (or a paused restore).
@@ -453,77 +501,6 @@ impl Machine {
     /// Let paused vCPUs run on.
     pub fn resume(&self) {
         vcpu::resume_all(&self.control);
-    }
-
-    /// The guest pages written since the last call (or since boot or restore),
-    /// as sorted, coalesced 4 KiB-aligned ranges: KVM's dirty log for vCPU
-    /// writes, OR-ed with vm-memory's bitmap for writes squib made itself. Both
-    /// are cleared, so the next call starts from here; call it while paused for
-    /// a diff that matches the captured state exactly.
-    ///
-    /// # Errors
-    /// [`MachineError::InvalidConfig`] if the machine was built without
-    /// `track_dirty_pages`; the KVM call if it fails.
-    pub fn take_dirty(&self) -> Result<Vec<GpaRange>, MachineError> {
-        const PAGE: u64 = 4096;
-        if !self.track_dirty_pages {
-            return Err(MachineError::InvalidConfig(
-                "dirty pages asked of a machine built without track_dirty_pages".to_owned(),
-            ));
-        }
-        let mut ranges: Vec<GpaRange> = Vec::new();
-        for (slot, region) in (0u32..).zip(self.memory.iter()) {
-            let len = usize::try_from(region.len()).map_err(|e| MachineError::Memory {
-                size: region.len(),
-                reason: e.to_string(),
-            })?;
-            let kvm_words = self
-                .vm
-                .get_dirty_log(slot, len)
-                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
-            let vmm_words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            let base = region.start_addr().raw_value();
-            let pages = region.len() / PAGE;
-            let mut run: Option<(u64, u64)> = None;
-            for page in 0..pages {
-                let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
-                let bit = 1u64 << (page % 64);
-                let dirty = kvm_words.get(word).is_some_and(|w| w & bit != 0)
-                    || vmm_words.get(word).is_some_and(|w| w & bit != 0);
-                run = match (run, dirty) {
-                    (Some((s, n)), true) => Some((s, n + 1)),
-                    (None, true) => Some((page, 1)),
-                    (Some((s, n)), false) => {
-                        ranges.push(page_range(base, s, n)?);
-                        None
-                    }
-                    (None, false) => None,
-                };
-            }
-            if let Some((s, n)) = run {
-                ranges.push(page_range(base, s, n)?);
-            }
-        }
-        Ok(ranges)
-    }
-
-    /// Put `ranges` back into the dirty set (vm-memory's bitmap), so that the
-    /// next [`Machine::take_dirty`] returns them again: what a diff that failed
-    /// to be written does with the pages it had taken.
-    pub fn mark_dirty(&self, ranges: &[GpaRange]) {
-        for r in ranges {
-            for region in self.memory.iter() {
-                let start = region.start_addr().raw_value();
-                let end = start + region.len();
-                let (a, b) = (r.start().max(start), r.end().min(end));
-                if a < b {
-                    let (Ok(off), Ok(len)) = (usize::try_from(a - start), usize::try_from(b - a)) else {
-                        continue;
-                    };
-                    std::ops::Deref::deref(region).bitmap().set_addr_range(off, len);
-                }
-            }
-        }
     }
 
     /// Capture the complete machine state (memory excepted). The machine must be paused.
@@ -574,9 +551,22 @@ impl Drop for Machine {
     }
 }
 
-fn page_range(base: u64, first: u64, pages: u64) -> Result<GpaRange, MachineError> {
-    GpaRange::new(base + first * 4096, pages * 4096)
-        .map_err(|e| MachineError::StateMismatch(format!("dirty range: {e}")))
+/// A started tracker over `memory`'s regions (one KVM memslot each, slot = region index).
+fn new_tracker(vm: &Arc<VmFd>, memory: &Arc<GuestMemory>) -> Result<MachineTracker, MachineError> {
+    let ram = memory
+        .iter()
+        .map(|r| GpaRange::new(r.start_addr().raw_value(), r.len()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| MachineError::InvalidConfig(format!("guest RAM: {e}")))?;
+    let layout = MemoryLayout::new(ram.clone())
+        .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {e}")))?;
+    let backend = DirtyLogBackend::new(Arc::clone(vm), layout, Arc::clone(memory));
+    let tracker = DirtyTracker::new(backend, &ram, TrackingConfig::new(Policy::Fine))
+        .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {e}")))?;
+    tracker
+        .start()
+        .map_err(|e| MachineError::InvalidConfig(format!("starting dirty-page tracking: {e}")))?;
+    Ok(tracker)
 }
 
 /// Open KVM, create the VM with its in-kernel irqchip and PIT, and map `memory`.
@@ -591,6 +581,22 @@ fn create_vm(memory: &GuestMemory, log_dirty: bool) -> Result<(Kvm, VmFd), Machi
         ..Default::default()
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    if log_dirty {
+        // Manual protect: reading the log does not re-protect; KVM_CLEAR_DIRTY_LOG does, for
+        // exactly the pages harvested (the order a live checkpoint needs; see kvm::dirty_log).
+        if vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) == 0 {
+            return Err(MachineError::InvalidConfig(
+                "dirty-page tracking: this host's KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2".to_owned(),
+            ));
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+        vm.enable_cap(&cap)
+            .map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
+    }
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let host = memory
             .get_host_address(region.start_addr())

@@ -11,8 +11,14 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
+use squib_snapshot::snapshot::Section;
 
 use super::serial::SerialSnapshot;
+
+/// Name of the device section holding the VM-wide state (irqchips, PIT, clock, RAM size).
+pub const VM_SECTION: &str = "kvm-machine";
+/// Name of the device section holding COM1.
+pub const COM1_SECTION: &str = "com1";
 
 /// Format version of [`MachineState`]'s encoding; bumped on any incompatible change.
 pub const STATE_VERSION: u32 = 1;
@@ -65,6 +71,18 @@ pub struct MachineState {
     pub serial: SerialSnapshot,
 }
 
+/// The VM-wide part of [`MachineState`]: the `kvm-machine` section of a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+struct VmPart {
+    version: u32,
+    mem_size: u64,
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
 /// The state could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum StateCodecError {
@@ -79,6 +97,12 @@ pub enum StateCodecError {
         /// [`STATE_VERSION`].
         expected: u32,
     },
+    /// A snapshot lacks a section a machine needs (it was not taken of a booted machine).
+    #[error("machine state: no {0:?} section (not a snapshot of a booted kernel)")]
+    MissingSection(&'static str),
+    /// A snapshot has no vCPU state.
+    #[error("machine state: no vCPU sections")]
+    NoVcpus,
 }
 
 impl MachineState {
@@ -89,6 +113,79 @@ impl MachineState {
     #[must_use]
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("machine state is plain data")
+    }
+
+    /// Split into the opaque sections of squib's snapshot format: one JSON blob per vCPU (index
+    /// order) and the device sections [`VM_SECTION`] and [`COM1_SECTION`].
+    ///
+    /// # Panics
+    /// Never: every field is plain data that serde_json can encode.
+    #[must_use]
+    pub fn into_sections(self) -> (Vec<Vec<u8>>, Vec<Section>) {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| serde_json::to_vec(v).expect("vCPU state is plain data"))
+            .collect();
+        let vm = VmPart {
+            version: self.version,
+            mem_size: self.mem_size,
+            pic_master: self.pic_master,
+            pic_slave: self.pic_slave,
+            ioapic: self.ioapic,
+            pit: self.pit,
+            clock: self.clock,
+        };
+        let devices = vec![
+            Section {
+                name: VM_SECTION.to_owned(),
+                data: serde_json::to_vec(&vm).expect("VM state is plain data"),
+            },
+            Section {
+                name: COM1_SECTION.to_owned(),
+                data: serde_json::to_vec(&self.serial).expect("COM1 state is plain data"),
+            },
+        ];
+        (vcpus, devices)
+    }
+
+    /// Rebuild from the sections [`MachineState::into_sections`] made.
+    ///
+    /// # Errors
+    /// [`StateCodecError`] naming the missing section or the decode failure.
+    pub fn from_sections(vcpus: &[Vec<u8>], devices: &[Section]) -> Result<Self, StateCodecError> {
+        let find = |name: &'static str| {
+            devices
+                .iter()
+                .find(|s| s.name == name)
+                .ok_or(StateCodecError::MissingSection(name))
+        };
+        let vm: VmPart = serde_json::from_slice(&find(VM_SECTION)?.data)?;
+        if vm.version != STATE_VERSION {
+            return Err(StateCodecError::Version {
+                found: vm.version,
+                expected: STATE_VERSION,
+            });
+        }
+        let serial: SerialSnapshot = serde_json::from_slice(&find(COM1_SECTION)?.data)?;
+        if vcpus.is_empty() {
+            return Err(StateCodecError::NoVcpus);
+        }
+        let vcpus = vcpus
+            .iter()
+            .map(|b| serde_json::from_slice(b))
+            .collect::<Result<Vec<VcpuState>, _>>()?;
+        Ok(Self {
+            version: vm.version,
+            mem_size: vm.mem_size,
+            vcpus,
+            pic_master: vm.pic_master,
+            pic_slave: vm.pic_slave,
+            ioapic: vm.ioapic,
+            pit: vm.pit,
+            clock: vm.clock,
+            serial,
+        })
     }
 
     /// Decode bytes made by [`MachineState::to_bytes`].

@@ -10,7 +10,7 @@
 pub mod http;
 pub mod vmm;
 
-use std::io::{BufReader, ErrorKind};
+use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
 
-use http::{HttpError, Response, read_request};
+use http::{HttpError, Response, read_request_answering};
 use vmm::Vmm;
 
 /// Removes the socket file when the server ends.
@@ -38,7 +38,7 @@ fn serve_connection(stream: UnixStream, vmm: &Mutex<Vmm>) {
     let mut writer = write_half;
     let mut reader = BufReader::new(stream);
     loop {
-        let response = match read_request(&mut reader) {
+        let response = match read_request_answering(&mut reader, &mut writer) {
             Ok(req) => vmm.lock().handle(&req),
             Err(HttpError::Closed | HttpError::Io(_)) => return,
             Err(e @ HttpError::Bad(_)) => {
@@ -64,27 +64,33 @@ pub fn serve(sock: &Path, vmm: Vmm, run_for: Option<Duration>) -> anyhow::Result
     }
     let listener = UnixListener::bind(sock).with_context(|| format!("--api-sock {}", sock.display()))?;
     let _cleanup = SocketFile(sock.to_owned());
-    listener
-        .set_nonblocking(true)
-        .with_context(|| format!("--api-sock {}", sock.display()))?;
     let vmm = Arc::new(Mutex::new(vmm));
+    // Accept on a thread of its own, blocking: a polling accept would add its polling period to
+    // every API call (a snapshot create is a few milliseconds).
+    let acceptor = {
+        let vmm = Arc::clone(&vmm);
+        std::thread::Builder::new()
+            .name("squib-api-accept".to_owned())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else {
+                        // EMFILE and the like: do not spin.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let vmm = Arc::clone(&vmm);
+                    let _ = std::thread::Builder::new()
+                        .name("squib-api".to_owned())
+                        .spawn(move || serve_connection(stream, &vmm));
+                }
+            })
+            .context("starting the API accept thread")?
+    };
     let started = Instant::now();
     loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream
-                    .set_nonblocking(false)
-                    .with_context(|| format!("--api-sock {}", sock.display()))?;
-                let vmm = Arc::clone(&vmm);
-                std::thread::Builder::new()
-                    .name("squib-api".to_owned())
-                    .spawn(move || serve_connection(stream, &vmm))
-                    .context("starting an API connection thread")?;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e).with_context(|| format!("--api-sock {}", sock.display())),
+        std::thread::sleep(Duration::from_millis(10));
+        if acceptor.is_finished() {
+            bail!("--api-sock {}: the accept thread ended", sock.display());
         }
         if let Some(why) = vmm.lock().failure() {
             bail!("guest failed: {why}");

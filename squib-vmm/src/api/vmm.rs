@@ -6,12 +6,29 @@
 //! process that has not started a guest. Request bodies use Firecracker's
 //! field names; unknown fields are refused, so a typo is an error rather than
 //! a silently ignored setting.
+//!
+//! # Snapshot paths: Firecracker's two files, squib's one directory
+//!
+//! squib writes one snapshot format everywhere (`specs/17-snapshot-files.md`):
+//! a directory holding `state` and `memory`, which appears atomically. The
+//! API keeps Firecracker's body fields and maps them onto it:
+//!
+//! - `snapshot_path` names the snapshot directory, or the `state` file inside
+//!   it (`DIR/state` means `DIR`). On create, `DIR` must not exist.
+//! - `mem_file_path` (or `mem_backend.backend_path` with `backend_type`
+//!   `File`), when given, must be `DIR/memory`: squib keeps a snapshot's files
+//!   together so that a diff can name its parent and a chain can be moved.
+//! - A `Diff` is a diff of the last snapshot this process created or loaded,
+//!   and must be created in the same parent directory as that snapshot (it
+//!   names its parent by sibling directory name and id). Loading a diff loads
+//!   its chain: the base mapped copy-on-write, the diffs applied on top.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use squib_kvm_sim::machine::files::{self, SnapshotType};
+use squib_kvm_sim::machine::snapshot::{self, Target};
 use squib_kvm_sim::machine::{Console, Machine, MachineConfig, RestoreOptions};
+use squib_snapshot::snapshot::{MEMORY_FILE, ParentRef, RestoreMode, STATE_FILE, SnapshotId};
 
 use super::http::{Request, Response};
 
@@ -61,7 +78,8 @@ struct SnapshotCreateBody {
     #[serde(default)]
     snapshot_type: Option<String>,
     snapshot_path: PathBuf,
-    mem_file_path: PathBuf,
+    #[serde(default)]
+    mem_file_path: Option<PathBuf>,
     #[serde(default)]
     version: Option<String>,
 }
@@ -95,6 +113,8 @@ pub struct Vmm {
     kernel: Option<PathBuf>,
     machine: Option<Machine>,
     console: ConsoleFactory,
+    /// The newest snapshot of this guest (created or loaded): what a diff chains to.
+    last_snapshot: Option<(PathBuf, SnapshotId)>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -132,6 +152,7 @@ impl Vmm {
             kernel: None,
             machine: None,
             console,
+            last_snapshot: None,
         }
     }
 
@@ -307,9 +328,9 @@ impl Vmm {
         let b: SnapshotCreateBody = body(req)?;
         let _ = b.version; // Firecracker's deprecated field: accepted, unused.
         let machine = self.running("PUT /snapshot/create")?;
-        let kind = match b.snapshot_type.as_deref().unwrap_or("Full") {
-            "Full" => SnapshotType::Full,
-            "Diff" if machine.tracks_dirty_pages() => SnapshotType::Diff,
+        let diff = match b.snapshot_type.as_deref().unwrap_or("Full") {
+            "Full" => false,
+            "Diff" if machine.tracks_dirty_pages() => true,
             "Diff" => {
                 return Err(bad(
                     "snapshot_type Diff: needs track_dirty_pages (PUT /machine-config) \
@@ -321,31 +342,72 @@ impl Vmm {
         if !machine.is_paused() {
             return Err(bad("PUT /snapshot/create: the guest must be paused (PATCH /vm)"));
         }
-        files::save(machine, kind, &b.snapshot_path, &b.mem_file_path).map_err(|e| bad(e.to_string()))?;
+        let dir = snapshot_dir(&b.snapshot_path, b.mem_file_path.as_deref())?;
+        let target = if diff {
+            let parent = self.diff_parent(&dir)?;
+            Target::Diff(&dir, parent)
+        } else {
+            Target::Full(&dir)
+        };
+        let saved = snapshot::save(machine, target).map_err(|e| bad(e.to_string()))?;
+        self.last_snapshot = Some((dir, saved.id));
         Ok(Response::no_content())
+    }
+
+    /// The parent reference of a diff at `dir`: the last snapshot, a sibling of `dir`.
+    fn diff_parent(&self, dir: &Path) -> Result<ParentRef, Response> {
+        let Some((last, id)) = &self.last_snapshot else {
+            return Err(bad(
+                "snapshot_type Diff: no earlier snapshot of this guest to chain to (create a Full first)",
+            ));
+        };
+        let parent_of = |p: &Path| {
+            p.parent().map(|d| {
+                std::fs::canonicalize(if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                })
+            })
+        };
+        let same = match (parent_of(dir), parent_of(last)) {
+            (Some(Ok(a)), Some(Ok(b))) => a == b,
+            _ => false,
+        };
+        let name = last.file_name().map(|n| n.to_string_lossy().into_owned());
+        match (same, name) {
+            (true, Some(name)) => Ok(ParentRef { id: *id, dir: name }),
+            _ => Err(bad(format!(
+                "snapshot_path {}: a Diff must be created beside its parent {} (same directory)",
+                dir.display(),
+                last.display()
+            ))),
+        }
     }
 
     fn snapshot_load(&mut self, req: &Request) -> Reply {
         self.not_started("PUT /snapshot/load")?;
         let b: SnapshotLoadBody = body(req)?;
         let track_dirty_pages = b.enable_diff_snapshots || b.track_dirty_pages;
-        let mem_path: &Path = match (&b.mem_file_path, &b.mem_backend) {
-            (Some(p), None) => p,
-            (None, Some(m)) if m.backend_type == "File" => &m.backend_path,
+        let mem_path: Option<&Path> = match (&b.mem_file_path, &b.mem_backend) {
+            (Some(p), None) => Some(p),
+            (None, Some(m)) if m.backend_type == "File" => Some(&m.backend_path),
             (None, Some(m)) => {
                 return Err(bad(format!(
                     "mem_backend.backend_type {:?}: only File is supported",
                     m.backend_type
                 )));
             }
-            _ => return Err(bad("give exactly one of mem_file_path and mem_backend")),
+            (None, None) => None,
+            (Some(_), Some(_)) => return Err(bad("give at most one of mem_file_path and mem_backend")),
         };
-        let (state, memory) = files::load(&b.snapshot_path, mem_path).map_err(|e| bad(e.to_string()))?;
+        let dir = snapshot_dir(&b.snapshot_path, mem_path)?;
+        let loaded = snapshot::load(&dir, RestoreMode::Lazy).map_err(|e| bad(e.to_string()))?;
         let console = (self.console)().map_err(|e| bad(format!("opening the console: {e}")))?;
-        let vcpus = u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX);
+        let vcpus = u8::try_from(loaded.state.vcpus.len()).unwrap_or(u8::MAX);
         let machine = Machine::restore(
-            &state,
-            memory,
+            &loaded.state,
+            loaded.memory,
             console,
             RestoreOptions {
                 paused: !b.resume_vm,
@@ -354,9 +416,34 @@ impl Vmm {
         )
         .map_err(|e| bad(format!("loading {}: {e}", b.snapshot_path.display())))?;
         self.config.vcpus = vcpus;
-        self.config.mem_size = state.mem_size;
+        self.config.mem_size = loaded.state.mem_size;
         self.config.track_dirty_pages = track_dirty_pages;
+        self.last_snapshot = Some((loaded.dir, loaded.snapshot.id));
         self.machine = Some(machine);
         Ok(Response::no_content())
     }
+}
+
+/// The snapshot directory named by `snapshot_path` (the directory or its `state` file), after
+/// checking that `mem_path`, if given, is that directory's memory file.
+fn snapshot_dir(snapshot_path: &Path, mem_path: Option<&Path>) -> Result<PathBuf, Response> {
+    let dir = if snapshot_path.file_name().is_some_and(|n| n == STATE_FILE) {
+        snapshot_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        snapshot_path.to_path_buf()
+    };
+    if dir.as_os_str().is_empty() {
+        return Err(bad("snapshot_path: empty"));
+    }
+    if let Some(mem) = mem_path {
+        let expected = dir.join(MEMORY_FILE);
+        if mem != expected {
+            return Err(bad(format!(
+                "mem_file_path {}: squib keeps a snapshot's memory inside its directory; expected {}",
+                mem.display(),
+                expected.display()
+            )));
+        }
+    }
+    Ok(dir)
 }

@@ -60,6 +60,10 @@ pub enum SnapshotCommand {
         /// Write the restored guest memory as one raw file (regions in address order).
         #[arg(long)]
         dump_memory: Option<PathBuf>,
+        /// Resume the guest of a booted-kernel snapshot (`squib run --kernel`) and run it this
+        /// long, its console on standard output.
+        #[arg(long = "for", value_parser = super::run::parse_duration, conflicts_with_all = ["dump_memory", "backend"])]
+        run_for: Option<Duration>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -92,8 +96,12 @@ pub fn run(c: SnapshotCommand) -> CmdResult {
             lazy,
             backend,
             dump_memory: dump,
+            run_for,
             json,
-        } => restore_cmd(&dir, lazy, backend, dump, json),
+        } => match run_for {
+            Some(d) => super::run_kernel::resume(&dir, lazy, d, json),
+            None => restore_cmd(&dir, lazy, backend, dump, json),
+        },
     }
 }
 
@@ -323,6 +331,7 @@ mod tests {
                 lazy,
                 backend: Some(BackendKind::Soft),
                 dump_memory: Some(dump.clone()),
+                run_for: None,
                 json: true,
             })
             .unwrap();
@@ -334,6 +343,7 @@ mod tests {
             lazy: false,
             backend: Some(BackendKind::Kvm),
             dump_memory: None,
+            run_for: None,
             json: false,
         })
         .unwrap_err();

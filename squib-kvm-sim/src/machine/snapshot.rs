@@ -1,0 +1,326 @@
+//! Snapshots of a booted machine in squib's one snapshot format
+//! (`squib_snapshot::snapshot`, `specs/17-snapshot-files.md`; the machine's
+//! sections are in `specs/18-machine-snapshots.md`).
+//!
+//! Why no format of its own: a machine snapshot is memory plus opaque state,
+//! exactly what the core's directories hold. Each vCPU's registers, XSAVE,
+//! LAPIC, MSRs and events go in that vCPU's opaque section; the irqchips, PIT,
+//! clock and RAM size in the device section `kvm-machine`; COM1 in `com1`. So
+//! `squib snapshot inspect/verify/merge` work on machine snapshots unchanged,
+//! a chain restores like any other, and a full snapshot can be mapped
+//! `MAP_PRIVATE` for a lazy load.
+//!
+//! Why every save goes through the tracker: a full save is a checkpoint whose
+//! writer ignores the dirty ranges, so the dirty set restarts at the base; a
+//! diff is a checkpoint whose writer saves exactly those ranges. The tracker
+//! owns the order (harvest KVM's log and vm-memory's bitmap, drain, re-protect,
+//! then write) and folds the ranges back if the write fails, so a failed diff
+//! loses nothing. Saves here run with the vCPUs paused, so memory and vCPU
+//! state are from the same instant.
+//!
+//! # Live diffs: paused only while the dirty pages are copied
+//!
+//! [`save_live_diff`] keeps the guest paused for capture, harvest, drain,
+//! re-protect and a `memcpy` of the dirty pages into a [`Staging`] copy, then
+//! resumes it and writes, hashes and syncs the diff from the copy. Writing
+//! straight from guest memory after the resume would not do: a page the guest
+//! writes between the resume and the copy would be newer than the vCPU state
+//! the diff carries (its re-protection only puts it in the *next* diff). The
+//! copy makes memory and state one instant again. If the write fails, the
+//! ranges are marked dirty again, so the next diff holds them.
+
+use std::path::{Path, PathBuf};
+
+use squib_arch::{GpaRange, PageGeometry};
+use squib_snapshot::snapshot::restore::restore_chain;
+use squib_snapshot::snapshot::save::{save_diff, save_full};
+use squib_snapshot::snapshot::{
+    Chain, ChainWriter, DirectIo, ParentRef, RestoreMode, SavedSnapshot, SnapshotError, SnapshotMeta,
+    SnapshotState,
+};
+use squib_snapshot::{BackendError, CheckpointError};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, VolatileSlice};
+
+use super::state::{MachineState, StateCodecError};
+use super::{GuestMemory, Machine, MachineError};
+
+/// The backend name machine snapshots carry (as the KVM workload runs do).
+pub const BACKEND: &str = "kvm";
+
+/// What a machine snapshot save or load can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineSnapshotError {
+    /// The machine refused (not paused, a KVM call failed).
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// Writing or reading the snapshot directory failed.
+    #[error(transparent)]
+    Files(#[from] SnapshotError),
+    /// KVM's dirty log could not be read or cleared.
+    #[error("dirty-page tracking: {0}")]
+    Track(#[from] BackendError),
+    /// A diff of a machine that does not track dirty pages.
+    #[error("{0}: needs a machine that tracks dirty pages")]
+    NotTracking(&'static str),
+    /// The snapshot's machine sections are missing or unreadable.
+    #[error("{path}: {source}")]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        source: StateCodecError,
+    },
+    /// The snapshot's memory layout is not a machine's (one RAM region at 0 of the state's size).
+    #[error("{path}: {reason}")]
+    Layout {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where a save goes.
+#[derive(Debug)]
+pub enum Target<'a> {
+    /// A full snapshot at this directory (which must not exist).
+    Full(&'a Path),
+    /// A diff at this directory, chained to `ParentRef` (a sibling directory).
+    Diff(&'a Path, ParentRef),
+    /// The next member of a chain: full if the chain is empty, else a diff.
+    Chain(&'a mut ChainWriter),
+}
+
+/// The machine's state as the core's [`SnapshotMeta`]: capture (the machine must be paused).
+///
+/// # Errors
+/// [`MachineError::NotPaused`] or the KVM call that failed.
+pub fn meta(machine: &Machine) -> Result<SnapshotMeta, MachineError> {
+    let (vcpus, devices) = machine.capture()?.into_sections();
+    Ok(SnapshotMeta {
+        backend: BACKEND.to_owned(),
+        geometry: PageGeometry::X86_64,
+        vcpus,
+        devices,
+    })
+}
+
+fn write(
+    target: &mut Target<'_>,
+    mem: &GuestMemory,
+    ranges: &[GpaRange],
+    meta: &SnapshotMeta,
+) -> Result<SavedSnapshot, SnapshotError> {
+    match target {
+        Target::Full(dest) => save_full(dest, mem, meta, &DirectIo),
+        Target::Diff(dest, parent) => save_diff(dest, parent.clone(), mem, ranges, meta, &DirectIo),
+        Target::Chain(chain) => chain.save(mem, ranges, meta),
+    }
+}
+
+/// Save a paused machine to `target`.
+///
+/// # Errors
+/// [`MachineSnapshotError`]: not paused, a diff without tracking, the tracker or the files.
+/// Nothing appears at the destination on error, and a failed diff's pages stay dirty.
+pub fn save(machine: &Machine, mut target: Target<'_>) -> Result<SavedSnapshot, MachineSnapshotError> {
+    let meta = meta(machine)?;
+    let mem = machine.memory();
+    let Some(tracker) = machine.tracker() else {
+        let diff = match &target {
+            Target::Full(_) => false,
+            Target::Diff(..) => true,
+            Target::Chain(c) => c.leaf().is_some(),
+        };
+        if diff {
+            return Err(MachineSnapshotError::NotTracking("a diff snapshot"));
+        }
+        return Ok(write(&mut target, mem, &[], &meta)?);
+    };
+    let mut saved = None;
+    tracker
+        .checkpoint(Some(mem), |ranges| {
+            saved = Some(write(&mut target, mem, ranges, &meta)?);
+            Ok::<(), SnapshotError>(())
+        })
+        .map_err(|e| match e {
+            CheckpointError::Backend(b) => MachineSnapshotError::Track(b),
+            CheckpointError::Writer(w) => MachineSnapshotError::Files(w),
+        })?;
+    saved.ok_or(MachineSnapshotError::NotTracking(
+        "a checkpoint that wrote nothing",
+    ))
+}
+
+/// A machine snapshot brought back: its state, guest memory and the leaf's snapshot state.
+#[derive(Debug)]
+pub struct LoadedMachine {
+    /// vCPUs and devices, ready for [`Machine::restore`].
+    pub state: MachineState,
+    /// Guest RAM (bitmaps clear).
+    pub memory: GuestMemory,
+    /// The leaf snapshot's state (its id is what the next diff chains to).
+    pub snapshot: SnapshotState,
+    /// The leaf's directory.
+    pub dir: PathBuf,
+}
+
+/// Load the chain ending at `dir` (a full snapshot, or a diff with its parents beside it).
+/// `Lazy` maps the base's memory file copy-on-write and applies the diffs on top.
+///
+/// # Errors
+/// [`MachineSnapshotError`] naming the file: not a machine snapshot, another backend or
+/// geometry, a broken chain, a corrupt extent (diffs; the base too when `Eager`).
+pub fn load(dir: &Path, mode: RestoreMode) -> Result<LoadedMachine, MachineSnapshotError> {
+    let chain = Chain::load(dir)?;
+    chain.check_target(Some(BACKEND), Some(&PageGeometry::X86_64))?;
+    let leaf = chain.leaf();
+    let path = leaf.state_path.clone();
+    let state = MachineState::from_sections(&leaf.state.vcpus, &leaf.state.devices).map_err(|source| {
+        MachineSnapshotError::State {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let layout = &leaf.state.layout;
+    if layout.len() != 1 || layout[0].gpa != 0 || layout[0].len != state.mem_size {
+        return Err(MachineSnapshotError::Layout {
+            path,
+            reason: format!(
+                "memory layout {:?} is not one RAM region at 0 of the {} bytes the machine state has",
+                layout
+                    .iter()
+                    .map(|r| format!("{:#x}+{:#x}", r.gpa, r.len))
+                    .collect::<Vec<_>>(),
+                state.mem_size
+            ),
+        });
+    }
+    let restored = restore_chain(&chain, mode)?;
+    Ok(LoadedMachine {
+        state,
+        memory: restored.memory,
+        snapshot: restored.state,
+        dir: leaf.dir.clone(),
+    })
+}
+
+/// A copy of guest RAM's layout that holds dirty pages between the pause and the write.
+///
+/// Anonymous and `MAP_NORESERVE`: only the pages ever copied into it take host memory.
+#[derive(Debug)]
+pub struct Staging {
+    memory: GuestMemory,
+}
+
+impl Staging {
+    /// Staging memory with `machine`'s RAM layout.
+    ///
+    /// # Errors
+    /// [`MachineError::Memory`] if it cannot be mapped.
+    pub fn for_machine(machine: &Machine) -> Result<Self, MachineError> {
+        let ranges: Vec<(GuestAddress, usize)> = machine
+            .memory()
+            .iter()
+            .map(|r| {
+                usize::try_from(r.len())
+                    .map(|len| (r.start_addr(), len))
+                    .map_err(|e| MachineError::Memory {
+                        size: r.len(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let memory = GuestMemory::from_ranges(&ranges).map_err(|e| MachineError::Memory {
+            size: ranges.iter().map(|r| r.1 as u64).sum(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { memory })
+    }
+
+    /// Copy `ranges` of `from` into the staging memory (the same guest addresses).
+    fn copy(&self, from: &GuestMemory, ranges: &[GpaRange]) -> Result<(), SnapshotError> {
+        for r in ranges {
+            let fail = |e: vm_memory::GuestMemoryError| {
+                SnapshotError::GuestMemory(format!("staging {:#x}+{:#x}: {e}", r.start(), r.len()))
+            };
+            let len = usize::try_from(r.len()).map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+            let src: VolatileSlice<'_, _> = from.get_slice(GuestAddress(r.start()), len).map_err(fail)?;
+            let dst = self
+                .memory
+                .get_slice(GuestAddress(r.start()), len)
+                .map_err(fail)?;
+            src.copy_to_volatile_slice(dst);
+        }
+        Ok(())
+    }
+}
+
+/// What [`save_live_diff`] did and how long the guest stood still.
+#[derive(Debug)]
+pub struct LiveSave {
+    /// The snapshot written.
+    pub saved: SavedSnapshot,
+    /// From the pause request to the resume (capture, harvest, re-protect, copy).
+    pub paused: std::time::Duration,
+}
+
+/// Append the next member to `chain` while the guest runs: pause, capture, checkpoint into
+/// `staging`, resume, then write. The first member (an empty chain) is a full snapshot, written
+/// with the guest paused throughout. `at_pause` runs while the guest is paused (a caller reads
+/// its console there, for instance).
+///
+/// # Errors
+/// As [`save`]; the guest is resumed whatever happens.
+pub fn save_live_diff(
+    machine: &Machine,
+    chain: &mut ChainWriter,
+    staging: &Staging,
+    at_pause: impl FnOnce(),
+) -> Result<LiveSave, MachineSnapshotError> {
+    let t = std::time::Instant::now();
+    machine.pause();
+    at_pause();
+    if chain.leaf().is_none() {
+        let saved = save(machine, Target::Chain(chain));
+        let paused = t.elapsed();
+        machine.resume();
+        return Ok(LiveSave {
+            saved: saved?,
+            paused,
+        });
+    }
+    let Some(tracker) = machine.tracker() else {
+        machine.resume();
+        return Err(MachineSnapshotError::NotTracking("a diff snapshot"));
+    };
+    let staged = meta(machine)
+        .map_err(MachineSnapshotError::from)
+        .and_then(|meta| {
+            let mut ranges = Vec::new();
+            tracker
+                .checkpoint(Some(machine.memory()), |dirty| {
+                    staging.copy(machine.memory(), dirty)?;
+                    ranges.extend_from_slice(dirty);
+                    Ok::<(), SnapshotError>(())
+                })
+                .map_err(|e| match e {
+                    CheckpointError::Backend(b) => MachineSnapshotError::Track(b),
+                    CheckpointError::Writer(w) => MachineSnapshotError::Files(w),
+                })?;
+            Ok((meta, ranges))
+        });
+    let paused = t.elapsed();
+    machine.resume();
+    let (meta, ranges) = staged?;
+    match chain.save_diff(&staging.memory, &ranges, &meta) {
+        Ok(saved) => Ok(LiveSave { saved, paused }),
+        Err(e) => {
+            // The tracker handed these over and forgot them: mark them again.
+            for r in &ranges {
+                tracker.mark_range(*r);
+            }
+            Err(e.into())
+        }
+    }
+}
