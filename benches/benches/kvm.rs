@@ -16,7 +16,7 @@ mod linux {
 
     use criterion::{Criterion, Throughput};
     use squib_arch::GpaRange;
-    use squib_kvm_sim::kvm::{Machine, MemoryLayout, Tracking, VmConfig, kvm_available};
+    use squib_kvm_sim::kvm::{Machine, MemoryLayout, Tracking, VmConfig};
     use squib_snapshot::{Policy, TrackingConfig};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -56,8 +56,7 @@ mod linux {
     }
 
     pub fn kvm(c: &mut Criterion) {
-        if !kvm_available() {
-            eprintln!("kvm benches: skipped: /dev/kvm does not exist on this host");
+        if !squib_kvm_sim::kvm_or_skip("kvm benches") {
             return;
         }
         let cases: [(&str, Tracking, Policy, bool); 5] = [

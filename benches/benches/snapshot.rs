@@ -9,13 +9,11 @@
 //! CI stays fast; ids stay the same.
 #![allow(missing_docs)]
 
-use std::io::{Seek, SeekFrom};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use squib_arch::{GpaRange, PageGeometry};
-use squib_benches::scattered;
+use squib_benches::{bench_dir, raw_pwrite, scattered};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
 use squib_snapshot::snapshot::{DirectIo, ParentRef, RestoreMode, SnapshotMeta};
@@ -28,11 +26,6 @@ fn guest_bytes() -> u64 {
     } else {
         64 << 20
     }
-}
-
-fn bench_dir() -> tempfile::TempDir {
-    let base = std::env::var_os("SQUIB_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    tempfile::tempdir_in(base).expect("bench dir")
 }
 
 /// Guest memory with every page non-zero (no holes to skip: the honest case for a full save).
@@ -101,16 +94,7 @@ fn save(c: &mut Criterion) {
             for _ in 0..iters {
                 let dest = fresh("raw-pwrite");
                 let t = Instant::now();
-                let mut f = std::fs::File::create(&dest).expect("create");
-                f.set_len(size).expect("set_len");
-                for r in &ranges {
-                    let s = mem
-                        .get_slice(GuestAddress(r.start()), usize::try_from(r.len()).expect("fits"))
-                        .expect("slice");
-                    f.seek(SeekFrom::Start(r.start())).expect("seek");
-                    f.write_all_volatile(&s).expect("pwrite");
-                }
-                f.sync_all().expect("fsync");
+                raw_pwrite(&dest, &mem, &ranges, size);
                 total += t.elapsed();
                 std::fs::remove_file(&dest).expect("cleanup");
             }

@@ -10,31 +10,24 @@
 #![allow(missing_docs)]
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use squib_arch::{GpaRange, PageGeometry};
-use squib_benches::scattered;
+use squib_benches::{bench_dir, raw_pwrite, scattered};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
 use squib_snapshot::snapshot::{DirectIo, ParentRef, RestoreMode, SnapshotId, SnapshotIo, SnapshotMeta};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, WriteVolatile};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const UNIT: u64 = 16 << 10;
 const BLOCK: u64 = 2 << 20;
 
 fn full_size() -> bool {
     std::env::args().any(|a| a == "--bench")
-}
-
-fn bench_dir() -> tempfile::TempDir {
-    let base = std::env::var_os("SQUIB_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    tempfile::tempdir_in(base).expect("bench dir")
 }
 
 fn guest(size: u64, fill_every: u64) -> GuestMemoryMmap<AtomicBitmap> {
@@ -148,17 +141,7 @@ fn save_sweep(c: &mut Criterion) {
                     for _ in 0..iters {
                         let dest = fresh("raw");
                         let t = Instant::now();
-                        let mut f = File::create(&dest).expect("create");
-                        f.set_len(size).expect("set_len");
-                        for r in &ranges {
-                            // Straight from guest memory, one write per range at its offset.
-                            let s = mem
-                                .get_slice(GuestAddress(r.start()), usize::try_from(r.len()).expect("fits"))
-                                .expect("slice");
-                            f.seek(SeekFrom::Start(r.start())).expect("seek");
-                            f.write_all_volatile(&s).expect("pwrite");
-                        }
-                        f.sync_all().expect("fsync");
+                        raw_pwrite(&dest, &mem, &ranges, size);
                         total += t.elapsed();
                         std::fs::remove_file(&dest).expect("cleanup");
                     }

@@ -71,7 +71,8 @@ pub struct WorkloadSpec {
     pub s: f64,
 }
 
-fn parse_size(key: &str, v: &str) -> Result<u64, WorkloadError> {
+/// A byte count with an optional K, M or G suffix (binary units), for the `k=v` parameters.
+pub(crate) fn parse_size(key: &str, v: &str) -> Result<u64, WorkloadError> {
     let bad = |reason| WorkloadError::BadParameter {
         key: key.into(),
         value: v.into(),

@@ -22,22 +22,6 @@ use squib_snapshot::snapshot::{
 /// Generous: CPL0 code is emulated on nested hosts and CI machines are busy.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
-            "SQUIB_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-        );
-        eprintln!("skipped: /dev/kvm cannot be opened");
-    }
-    ok
-}
-
 fn boot(vcpus: u8) -> (Machine, Capture) {
     let capture = Capture::default();
     let console = Console::new().with_sink(Box::new(capture.clone()));
@@ -94,7 +78,7 @@ fn assert_consistent(lines: &[CounterLine], vcpus: usize) {
 }
 
 fn boot_and_count(vcpus: u8) {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let (machine, capture) = boot(vcpus);
@@ -121,7 +105,7 @@ fn test_should_boot_guest_and_count_on_timer_interrupts_with_two_vcpus() {
 }
 
 fn capture_and_restore_in_process(vcpus: u8) {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let (machine, capture) = boot(vcpus);
@@ -169,7 +153,7 @@ fn test_should_continue_guest_on_two_vcpus_after_in_process_restore() {
 
 #[test]
 fn test_should_not_run_a_guest_restored_paused_until_resumed() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let (machine, capture) = boot(1);
@@ -246,7 +230,7 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
 
 #[test]
 fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -305,7 +289,7 @@ fn restore_and_check(dir: &Path, mode: RestoreMode, before: &str, vcpus: usize) 
 
 #[test]
 fn test_should_restore_guest_from_chain_of_full_base_and_three_diffs_and_from_its_merge() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -341,7 +325,7 @@ fn test_should_restore_guest_from_chain_of_full_base_and_three_diffs_and_from_it
 
 #[test]
 fn test_should_restore_guest_from_a_chain_of_diffs_written_after_the_guest_resumed() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -365,7 +349,7 @@ fn test_should_restore_guest_from_a_chain_of_diffs_written_after_the_guest_resum
 
 #[test]
 fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -431,7 +415,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
 
 #[test]
 fn test_should_refuse_a_diff_of_a_machine_that_does_not_track_dirty_pages() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -558,7 +542,7 @@ fn restore_child(dir: &Path, snap: &Path, vcpus: u8) {
 }
 
 fn restore_in_new_process(vcpus: u8) {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

@@ -14,22 +14,6 @@ use squib_kvm_sim::machine::guest::{check, parse};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
-            "SQUIB_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-        );
-        eprintln!("skipped: /dev/kvm cannot be opened");
-    }
-    ok
-}
-
 /// A `squib run --api-sock` process, killed (SIGKILL) when dropped.
 struct Squib {
     child: Child,
@@ -151,7 +135,7 @@ fn squib(args: &[&std::ffi::OsStr]) -> String {
 
 #[test]
 fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("api_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -289,7 +273,7 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
 
 #[test]
 fn test_should_refuse_a_guest_snapshot_that_is_not_one_naming_the_file() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("api_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

@@ -10,25 +10,9 @@ fn squib() -> Command {
     Command::new(env!("CARGO_BIN_EXE_squib"))
 }
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
-            "SQUIB_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-        );
-        eprintln!("skipped: /dev/kvm cannot be opened");
-    }
-    ok
-}
-
 #[test]
 fn test_should_boot_guest_kernel_from_the_command_line_with_console_on_stdout_and_file() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("run_kernel_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -93,7 +77,7 @@ fn test_should_name_the_kernel_file_that_is_not_an_elf() {
 #[test]
 fn test_should_write_a_chain_while_the_guest_runs_and_resume_it_with_snapshot_restore() {
     use squib_kvm_sim::machine::guest::{check, parse};
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("run_kernel_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

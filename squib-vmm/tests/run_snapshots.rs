@@ -18,23 +18,6 @@ fn squib(args: &[&str]) -> std::process::Output {
     out
 }
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    assert!(
-        std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
-        "SQUIB_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-    );
-    eprintln!("skipped: /dev/kvm is not available on this host");
-    false
-}
-
 fn members(dir: &Path) -> Vec<PathBuf> {
     let mut m: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -118,7 +101,7 @@ fn test_should_write_a_restorable_chain_from_a_soft_run() {
 
 #[test]
 fn test_should_write_a_restorable_chain_from_a_kvm_run() {
-    if !kvm_available() {
+    if !squib_kvm_sim::kvm_or_skip("run_snapshots") {
         return;
     }
     check_chain(&[

@@ -37,6 +37,8 @@
 use std::str::FromStr;
 
 use iced_x86::IcedError;
+
+use crate::workload::{WorkloadError, WorkloadKind, WorkloadSpec};
 use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, dx, eax, ebx, edx, qword_ptr, r8, r9, r10, r11, r12, r13, r14, r15, rax, rbp,
     rbx, rcx, rdi, rdx,
@@ -63,10 +65,10 @@ pub const HOTSPOT_ENTRY: u64 = 32;
 /// A workload the guest cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuestError {
-    /// The workload name is unknown.
-    #[error("unknown workload {0:?}: expected seq, random, hotspot, stride or idle")]
-    UnknownWorkload(String),
-    /// A `k=v` parameter is malformed, unknown or out of range.
+    /// The workload spec is malformed (the parser shared with the soft backend).
+    #[error(transparent)]
+    Spec(#[from] WorkloadError),
+    /// A `k=v` parameter only this guest has (`report`) is malformed or out of range.
     #[error("workload parameter {key:?} = {value:?}: {reason}")]
     BadParameter {
         /// The key.
@@ -135,24 +137,6 @@ pub struct Workload {
     pub report: u64,
 }
 
-fn parse_size(key: &str, v: &str) -> Result<u64, GuestError> {
-    let bad = |reason| GuestError::BadParameter {
-        key: key.into(),
-        value: v.into(),
-        reason,
-    };
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let n: u64 = v[..split].parse().map_err(|_| bad("not a number"))?;
-    let mult = match v[split..].trim_end_matches(['B', 'i']) {
-        "" => 1,
-        "K" | "k" => 1 << 10,
-        "M" | "m" => 1 << 20,
-        "G" | "g" => 1 << 30,
-        _ => return Err(bad("unknown unit (use K, M or G)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| bad("too large"))
-}
-
 impl FromStr for Workload {
     type Err = GuestError;
 
@@ -165,65 +149,46 @@ impl FromStr for Workload {
     /// assert!("stride:s=1".parse::<Workload>().unwrap_err().to_string().contains("\"s\""));
     /// ```
     fn from_str(spec: &str) -> Result<Self, GuestError> {
+        // `report` (writes between progress exits) is this guest's own key; the names and every
+        // other key are the soft backend's, read by the one parser both backends share.
         let (name, params) = spec.split_once(':').unwrap_or((spec, ""));
-        let mut w = Self {
-            shape: match name {
-                "seq" => Shape::Seq,
-                "random" => Shape::Random,
-                "hotspot" => Shape::Hotspot { s: 1.2 },
-                "stride" => Shape::Stride { k: 16 },
-                "idle" => Shape::Idle,
-                other => return Err(GuestError::UnknownWorkload(other.to_string())),
-            },
-            seed: 1,
-            size: 8,
-            start: 0,
-            len: None,
-            report: 65536,
-        };
+        let mut report = 65536;
+        let mut common = Vec::new();
         for kv in params.split(',').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| GuestError::BadParameter {
-                key: kv.into(),
-                value: String::new(),
-                reason: "expected key=value",
-            })?;
-            let bad = |reason| GuestError::BadParameter {
-                key: k.into(),
-                value: v.into(),
-                reason,
-            };
-            let int = || v.parse::<u64>().map_err(|_| bad("not an unsigned integer"));
-            match (k, &mut w.shape) {
-                ("seed", _) => w.seed = int()?,
-                ("size", _) => w.size = parse_size(k, v)?,
-                ("start", _) => w.start = parse_size(k, v)?,
-                ("len", _) => w.len = Some(parse_size(k, v)?),
-                ("report", _) => w.report = parse_size(k, v)?,
-                ("k", Shape::Stride { k: pages }) => *pages = int()?,
-                ("s", Shape::Hotspot { s }) => {
-                    *s = v.parse().map_err(|_| bad("not a number"))?;
-                    if !s.is_finite() || *s < 0.0 {
-                        return Err(bad("must be a finite, non-negative exponent"));
+            match kv.split_once('=') {
+                Some(("report", v)) => {
+                    report = crate::workload::parse_size("report", v)?;
+                    if report == 0 {
+                        return Err(GuestError::BadParameter {
+                            key: "report".into(),
+                            value: v.into(),
+                            reason: "must be at least 1",
+                        });
                     }
                 }
-                _ => return Err(bad("not a parameter of this workload")),
+                _ => common.push(kv),
             }
         }
-        let bad = |key: &str, value: u64, reason| GuestError::BadParameter {
-            key: key.into(),
-            value: value.to_string(),
-            reason,
+        let w: WorkloadSpec = if common.is_empty() {
+            name.parse()?
+        } else {
+            format!("{name}:{}", common.join(",")).parse()?
         };
-        if w.size == 0 || w.size > 1 << 20 {
-            return Err(bad("size", w.size, "must be between 1 byte and 1 MiB"));
-        }
-        if w.report == 0 {
-            return Err(bad("report", 0, "must be at least 1"));
-        }
-        if let Shape::Stride { k: 0 } = w.shape {
-            return Err(bad("k", 0, "must be at least 1"));
-        }
-        Ok(w)
+        let shape = match w.kind {
+            WorkloadKind::Seq => Shape::Seq,
+            WorkloadKind::Random => Shape::Random,
+            WorkloadKind::Hotspot => Shape::Hotspot { s: w.s },
+            WorkloadKind::Stride => Shape::Stride { k: w.k },
+            WorkloadKind::Idle => Shape::Idle,
+        };
+        Ok(Self {
+            shape,
+            seed: w.seed,
+            size: w.size,
+            start: w.start,
+            len: w.len,
+            report,
+        })
     }
 }
 

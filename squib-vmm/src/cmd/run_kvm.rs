@@ -253,18 +253,6 @@ mod tests {
             .args
     }
 
-    fn kvm_or_skip(test: &str) -> bool {
-        if std::path::Path::new("/dev/kvm").exists() {
-            return true;
-        }
-        assert!(
-            std::env::var("SQUIB_REQUIRE_KVM").as_deref() != Ok("1"),
-            "{test}: SQUIB_REQUIRE_KVM=1 but /dev/kvm does not exist"
-        );
-        eprintln!("{test}: skipped: /dev/kvm does not exist on this host");
-        false
-    }
-
     #[test]
     fn test_should_refuse_kernel_boot_and_traces_naming_where_they_belong() {
         let e = super::run(&args(&["--backend", "kvm", "--kernel", "/boot/vmlinuz"]))
@@ -291,7 +279,7 @@ mod tests {
 
     #[test]
     fn test_should_run_a_workload_under_kvm_in_both_tracking_modes() {
-        if !kvm_or_skip("test_should_run_a_workload_under_kvm_in_both_tracking_modes") {
+        if !squib_kvm_sim::kvm_or_skip("test_should_run_a_workload_under_kvm_in_both_tracking_modes") {
             return;
         }
         for tracking in ["dirty-log", "uffd-wp"] {
