@@ -83,6 +83,15 @@ fn check_chain(backend_args: &[&str]) {
     assert_eq!(a.len(), b.len());
     assert!(a == b, "restore of the chain and of its merge differ");
     assert!(a.iter().any(|&x| x != 0), "the guest wrote something");
+
+    // A workload snapshot holds memory only: --for (resume a guest kernel) is refused, by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_squib"))
+        .args(["snapshot", "restore", &leaf, "--for", "100ms"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&leaf) && err.contains("no vCPU state"), "{err}");
 }
 
 #[test]

@@ -99,7 +99,19 @@ pub fn run(c: SnapshotCommand) -> CmdResult {
             run_for,
             json,
         } => match run_for {
-            Some(d) => super::run_kernel::resume(&dir, lazy, d, json),
+            Some(d) => {
+                // Only a booted kernel's snapshot carries vCPU state to resume; a workload run's
+                // snapshot (soft, or a KVM workload) holds guest memory alone.
+                let snap = LoadedSnapshot::open(&dir)?;
+                if snap.state.vcpus.is_empty() {
+                    anyhow::bail!(
+                        "{}: --for resumes the guest of a booted-kernel snapshot (squib run --kernel); this {} snapshot holds guest memory only, no vCPU state to resume: restore it without --for",
+                        dir.display(),
+                        snap.state.backend
+                    );
+                }
+                super::run_kernel::resume(&dir, lazy, d, json)
+            }
             None => restore_cmd(&dir, lazy, backend, dump, json),
         },
     }
