@@ -123,6 +123,16 @@ fn nested_cost() -> CostModel {
     }
 }
 
+/// Take a checkpoint whose writer applies the diff to `image`.
+fn checkpoint_into(tracker: &DirtyTracker<Arc<AtomicPages>>, image: &Mutex<Vec<u64>>, mem: &AtomicPages) {
+    tracker
+        .checkpoint(None, |r| -> Result<(), std::io::Error> {
+            apply(image, mem, r);
+            Ok(())
+        })
+        .unwrap();
+}
+
 /// Apply one diff to the image: copy each dirty page's current value (the writer's copy step).
 fn apply(image: &Mutex<Vec<u64>>, mem: &AtomicPages, ranges: &[GpaRange]) {
     let mut img = image.lock();
@@ -200,12 +210,7 @@ fn live_checkpoint_stress(policy: Policy) {
         tracker.tick(Duration::from_millis(round));
         if round % 10 == 9 {
             let _g = gate.write();
-            tracker
-                .checkpoint(None, |r| -> Result<(), std::io::Error> {
-                    apply(&image, &mem, r);
-                    Ok(())
-                })
-                .unwrap();
+            checkpoint_into(&tracker, &image, &mem);
             let img = image.lock();
             for p in 0..pages {
                 let gpa = ram.start() + p * geometry.granule;
@@ -217,24 +222,14 @@ fn live_checkpoint_stress(policy: Policy) {
             }
             quiescent_checks += 1;
         } else {
-            tracker
-                .checkpoint(None, |r| -> Result<(), std::io::Error> {
-                    apply(&image, &mem, r);
-                    Ok(())
-                })
-                .unwrap();
+            checkpoint_into(&tracker, &image, &mem);
         }
     }
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.join().unwrap();
     }
-    tracker
-        .checkpoint(None, |r| -> Result<(), std::io::Error> {
-            apply(&image, &mem, r);
-            Ok(())
-        })
-        .unwrap();
+    checkpoint_into(&tracker, &image, &mem);
     let img = image.lock();
     for p in 0..pages {
         assert_eq!(

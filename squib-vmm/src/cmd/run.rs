@@ -81,6 +81,25 @@ pub struct RunArgs {
     pub serial_file: Option<PathBuf>,
 }
 
+/// Checkpoint interval of a workload run when `--snapshot-every` is not given (design.md's).
+pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How long a workload run lasts when `--for` is not given.
+pub const DEFAULT_RUN_FOR: Duration = Duration::from_secs(2);
+
+impl RunArgs {
+    /// `--snapshot-every`, or the default checkpoint interval.
+    #[must_use]
+    pub fn checkpoint_every(&self) -> Duration {
+        self.snapshot_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY)
+    }
+
+    /// `--for`, or the default run length.
+    #[must_use]
+    pub fn run_for(&self) -> Duration {
+        self.run_for.unwrap_or(DEFAULT_RUN_FOR)
+    }
+}
+
 /// Parse a byte size: a number with an optional K, M, G or T suffix (binary units).
 ///
 /// # Errors

@@ -5,21 +5,15 @@
 //! equals guest memory, so a summary that says "verified" means no write was lost. Elsewhere than
 //! Apple Silicon the command refuses at once, before looking at the other flags.
 
-use std::time::Duration;
-
 use squib_hvf::workload::{self, CheckpointRecord, RunReport, StoreLoopRun};
 
 use super::CmdResult;
-use super::run::{RunArgs, TrackingKind};
+use super::run::{DEFAULT_CHECKPOINT_EVERY, RunArgs, TrackingKind};
 
 /// What a user sees off Apple Silicon.
 pub const UNAVAILABLE: &str =
     "--backend hvf needs macOS on Apple Silicon (Hypervisor.framework); use --backend soft or kvm here";
 
-/// Checkpoint interval when none is given.
-const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// Run time when `--for` is not given.
-const DEFAULT_RUN_FOR: Duration = Duration::from_secs(2);
 /// Slot stride when the workload does not say (one slot per 4 KiB: four per 16 KiB page).
 const DEFAULT_STRIDE: u64 = 4096;
 
@@ -53,8 +47,8 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<StoreLoopRun> {
         policy: args.policy,
         stride,
         passes,
-        checkpoint_every: args.snapshot_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
-        run_for: args.run_for.unwrap_or(DEFAULT_RUN_FOR),
+        checkpoint_every: args.checkpoint_every(),
+        run_for: args.run_for(),
     })
 }
 
@@ -161,6 +155,8 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use crate::cmd::run::DEFAULT_RUN_FOR;
+    use std::time::Duration;
 
     #[derive(Parser)]
     struct Cli {

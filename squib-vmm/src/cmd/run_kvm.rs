@@ -19,7 +19,6 @@ pub use linux::run;
 #[cfg(target_os = "linux")]
 mod linux {
     use std::io::Write;
-    use std::time::Duration;
 
     use anyhow::Context as _;
     use squib_arch::PageGeometry;
@@ -29,11 +28,6 @@ mod linux {
 
     use super::super::run::TrackingKind;
     use super::{CmdResult, RunArgs};
-
-    /// Checkpoint interval when `--snapshot-every` is not given (the soft backend's default).
-    const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-    /// How long the guest runs when `--for` is not given.
-    const DEFAULT_RUN_FOR: Duration = Duration::from_secs(2);
 
     /// Run a KVM guest and print its summary.
     ///
@@ -69,8 +63,8 @@ mod linux {
             },
             workload,
             tracking: TrackingConfig::new(args.policy),
-            run_for: args.run_for.unwrap_or(DEFAULT_RUN_FOR),
-            checkpoint_every: args.snapshot_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
+            run_for: args.run_for(),
+            checkpoint_every: args.checkpoint_every(),
         };
         // With --snapshot-dir every checkpoint is saved: the first full, the rest diffs chained to
         // it; the last is taken with the vCPUs paused.

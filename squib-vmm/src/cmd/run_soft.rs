@@ -1,7 +1,5 @@
 //! `squib run --backend soft`: a simulated guest on the software stage-2.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use squib_arch::PageGeometry;
 use squib_kvm_sim::soft::runner::{self, DEFAULT_RAM_BASE, RunConfig, RunReport};
@@ -10,11 +8,6 @@ use squib_snapshot::{ChainSink, CountingSink, TrackingConfig};
 
 use super::CmdResult;
 use super::run::RunArgs;
-
-/// Checkpoint interval when `--snapshot-every` is not given (design.md's trace default).
-const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// How long the guest runs when `--for` is not given.
-const DEFAULT_RUN_FOR: Duration = Duration::from_secs(2);
 
 /// Run a simulated guest and print its summary.
 ///
@@ -43,8 +36,8 @@ pub fn run(args: &RunArgs) -> CmdResult {
         vcpus: args.vcpus,
         workload,
         tracking: TrackingConfig::new(args.policy),
-        run_for: args.run_for.unwrap_or(DEFAULT_RUN_FOR),
-        checkpoint_every: args.snapshot_every.unwrap_or(DEFAULT_CHECKPOINT_EVERY),
+        run_for: args.run_for(),
+        checkpoint_every: args.checkpoint_every(),
     };
     // With --snapshot-dir every checkpoint is saved: the first full, the rest diffs chained to it.
     let (report, saved) = match &args.snapshot_dir {
