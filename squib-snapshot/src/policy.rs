@@ -137,7 +137,7 @@ pub(crate) const PROBE_SHARE: f64 = 0.05;
 impl CostModel {
     /// The adaptive policy's shortest spacing, in dirty epochs, between fine probes of a block it
     /// holds coarse: a probe of a block that is still dense costs the escalation faults beyond
-    /// the first, `(escalate_at - 1) * F`, and this spacing keeps that within [`PROBE_SHARE`] of
+    /// the first, `(escalate_at - 1) * F`, and this spacing keeps that within `PROBE_SHARE` (5 %) of
     /// the block's coarse cost `F + B/W` over the interval. Expensive faults (nested
     /// virtualisation, userfaultfd) space probes further apart; cheap ones allow frequent probes.
     #[must_use]

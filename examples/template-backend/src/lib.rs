@@ -9,7 +9,7 @@
 //!    [`DirtyTracker::on_write_fault`], and the write is retried (here in [`TemplateBackend::guest_write`];
 //!    in a real backend, the vCPU run loop);
 //! 3. the conformance kit: `tests/conformance.rs` implements
-//!    [`squib_snapshot::conformance::Harness`] and calls `run_all`.
+//!    `squib_snapshot::conformance::Harness` (feature `test-kit`) and calls `run_all`.
 //!
 //! ```
 //! use squib_arch::{GpaRange, PageGeometry};

@@ -13,7 +13,7 @@
 //! layout (and the memory file's real length) before any guest memory is allocated or written,
 //! and every extent's bytes are checked against their xxh3 as they are read.
 //!
-//! A run loop uses [`ChainWriter`]; the `squib snapshot` command uses [`Chain`], [`verify`],
+//! A run loop uses [`ChainWriter`]; the `squib snapshot` command uses [`Chain`], [`verify()`],
 //! [`merge`] and [`restore::restore_chain`].
 
 pub mod chain;

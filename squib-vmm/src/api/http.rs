@@ -77,7 +77,7 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
 /// `100 Continue` before sending the body; answering at once keeps such calls fast.
 ///
 /// # Errors
-/// As [`read_request`]; also [`HttpError::Io`] if the interim reply cannot be written.
+/// As `read_request`; also [`HttpError::Io`] if the interim reply cannot be written.
 pub fn read_request_answering(r: &mut impl BufRead, w: &mut impl Write) -> Result<Request, HttpError> {
     let line = read_line(r)?.ok_or(HttpError::Closed)?;
     let mut parts = line.split(' ');
