@@ -33,6 +33,7 @@ fn main() {
         vcpus: 2,
         cmdline: String::new(),
         track_dirty_pages: true,
+        initrd: None,
     };
     let capture = Capture::default();
     let t = Instant::now();

@@ -30,6 +30,7 @@ fn boot(vcpus: u8) -> (Machine, Capture) {
         vcpus,
         cmdline: "console=ttyS0 squib.test=1".to_owned(),
         track_dirty_pages: true,
+        initrd: None,
     };
     let machine = Machine::boot(&config, Path::new(GUEST_KERNEL), console).expect("boot");
     (machine, capture)
@@ -241,6 +242,7 @@ fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
         vcpus: 1,
         cmdline: String::new(),
         track_dirty_pages: false,
+        initrd: None,
     };
     let machine = Machine::boot(&config, &kernel, Console::new()).expect("boot");
     let deadline = std::time::Instant::now() + TIMEOUT;
@@ -424,6 +426,7 @@ fn test_should_refuse_a_diff_of_a_machine_that_does_not_track_dirty_pages() {
         vcpus: 1,
         cmdline: String::new(),
         track_dirty_pages: false,
+        initrd: None,
     };
     let machine = Machine::boot(&config, Path::new(GUEST_KERNEL), Console::new()).expect("boot");
     machine.pause();
@@ -576,4 +579,90 @@ fn restore_in_new_process(vcpus: u8) {
 #[test]
 fn test_should_restore_running_guest_in_a_new_process_after_kill_9() {
     restore_in_new_process(2);
+}
+
+// ---- initrd ----------------------------------------------------------------------------------
+
+/// Where the zero page says the initrd is: `(ramdisk_image, ramdisk_size)` of `boot_params.hdr`.
+fn ramdisk_fields(machine: &Machine) -> (u64, u64) {
+    use vm_memory::{Bytes, GuestAddress};
+    // struct setup_header starts at 0x1f1 of the zero page; ramdisk_image is at 0x218 and
+    // ramdisk_size at 0x21c (Linux's boot protocol, x86/boot.rst).
+    let zero_page = squib_kvm_sim::machine::layout::ZERO_PAGE_ADDR;
+    let image: u32 = machine
+        .memory()
+        .read_obj(GuestAddress(zero_page + 0x218))
+        .unwrap();
+    let size: u32 = machine
+        .memory()
+        .read_obj(GuestAddress(zero_page + 0x21c))
+        .unwrap();
+    (u64::from(image), u64::from(size))
+}
+
+#[test]
+fn test_should_load_an_initrd_at_the_top_of_ram_and_name_it_in_the_zero_page_then_boot_the_guest() {
+    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let initrd = dir.path().join("initrd.img");
+    let bytes: Vec<u8> = (0..300_001u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[2])
+        .collect();
+    std::fs::write(&initrd, &bytes).unwrap();
+    let capture = Capture::default();
+    let config = MachineConfig {
+        mem_size: 64 << 20,
+        vcpus: 1,
+        cmdline: "console=ttyS0".to_owned(),
+        track_dirty_pages: false,
+        initrd: Some(initrd),
+    };
+    let machine = Machine::boot(
+        &config,
+        Path::new(GUEST_KERNEL),
+        Console::new().with_sink(Box::new(capture.clone())),
+    )
+    .expect("boot with an initrd");
+    let (addr, size) = ramdisk_fields(&machine);
+    assert_eq!(size, bytes.len() as u64);
+    assert_eq!(addr % 4096, 0, "page-aligned");
+    assert!(
+        addr + size <= 64 << 20 && addr + size > (64 << 20) - 4096,
+        "at the top of RAM: {addr:#x}"
+    );
+    let mut loaded = vec![0u8; bytes.len()];
+    use vm_memory::{Bytes, GuestAddress};
+    machine
+        .memory()
+        .read_slice(&mut loaded, GuestAddress(addr))
+        .unwrap();
+    assert!(
+        loaded == bytes,
+        "the initrd's bytes are in guest memory where the zero page says"
+    );
+    wait_for_counter(&machine, &capture, 2);
+}
+
+#[test]
+fn test_should_refuse_an_initrd_that_does_not_fit_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let initrd = dir.path().join("huge.img");
+    std::fs::write(&initrd, vec![1u8; 5 << 20]).unwrap();
+    let config = MachineConfig {
+        mem_size: 4 << 20,
+        vcpus: 1,
+        cmdline: String::new(),
+        track_dirty_pages: false,
+        initrd: Some(initrd.clone()),
+    };
+    let err = match Machine::boot(&config, Path::new(GUEST_KERNEL), Console::new()) {
+        Ok(_) => panic!("a 5 MiB initrd cannot fit in 4 MiB of RAM"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&initrd.display().to_string()) && err.contains("do not fit"),
+        "{err}"
+    );
 }

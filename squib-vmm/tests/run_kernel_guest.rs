@@ -152,3 +152,29 @@ fn test_should_write_a_chain_while_the_guest_runs_and_resume_it_with_snapshot_re
         panic!("{e}\n{after}");
     }
 }
+
+#[test]
+fn test_should_name_an_initrd_that_cannot_be_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-initrd.img");
+    let out = squib()
+        .args([
+            "run",
+            "--backend",
+            "kvm",
+            "--mem",
+            "16M",
+            "--kernel",
+            GUEST_KERNEL,
+            "--initrd",
+        ])
+        .arg(&missing)
+        .output()
+        .expect("run squib");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&*missing.to_string_lossy()) && err.contains("cannot read"),
+        "{err}"
+    );
+}

@@ -43,6 +43,14 @@ pub enum BootError {
         /// What linux-loader said.
         reason: String,
     },
+    /// The initrd could not be read or does not fit in guest RAM above the kernel.
+    #[error("initrd {path}: {reason}")]
+    Initrd {
+        /// The initrd file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The command line does not fit or has a forbidden byte.
     #[error("kernel command line {cmdline:?}: {reason}")]
     Cmdline {
@@ -71,11 +79,12 @@ pub enum BootError {
     },
 }
 
-/// Load an ELF64 kernel at its physical addresses; returns the entry point.
+/// Load an ELF64 kernel at its physical addresses; returns the entry point and the first guest
+/// address past the kernel.
 ///
 /// # Errors
 /// [`BootError::OpenKernel`] or [`BootError::LoadKernel`], naming the file.
-pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<u64, BootError> {
+pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<(u64, u64), BootError> {
     let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.to_owned(),
         source,
@@ -86,7 +95,44 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<u64, BootError> {
             reason: e.to_string(),
         }
     })?;
-    Ok(loaded.kernel_load.0)
+    Ok((loaded.kernel_load.0, loaded.kernel_end))
+}
+
+/// Load an initrd the way Firecracker does on x86-64: at the highest page-aligned guest address
+/// where it ends within low RAM (`mem_size`), which must lie above the kernel (`kernel_end`).
+/// Returns its guest address and size, for the zero page's `ramdisk_image`/`ramdisk_size`.
+///
+/// # Errors
+/// [`BootError::Initrd`] naming the file: unreadable, empty, or too large for the RAM above the
+/// kernel.
+pub fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    mem_size: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let bad = |reason: String| BootError::Initrd {
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let size = u64::try_from(bytes.len()).map_err(|e| bad(e.to_string()))?;
+    if size == 0 {
+        return Err(bad("empty file".into()));
+    }
+    let top = mem_size.min(layout::MMIO_GAP_START);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end.next_multiple_of(0x1000))
+        .ok_or_else(|| {
+            bad(format!(
+                "{size} bytes do not fit in guest RAM between the kernel's end ({kernel_end:#x}) and {top:#x}"
+            ))
+        })?;
+    mem.write_slice(&bytes, GuestAddress(addr))
+        .map_err(|e| bad(format!("writing it at {addr:#x}: {e}")))?;
+    Ok((addr, size))
 }
 
 /// Write the command line and the zero page (with the e820 map for `mem_size` bytes of RAM).
@@ -94,7 +140,12 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<u64, BootError> {
 /// # Errors
 /// [`BootError::Cmdline`] for a command line that does not fit, [`BootError::BootParams`]
 /// if the zero page cannot be written.
-pub fn write_boot_params(mem: &GuestMemory, cmdline: &str, mem_size: u64) -> Result<(), BootError> {
+pub fn write_boot_params(
+    mem: &GuestMemory,
+    cmdline: &str,
+    mem_size: u64,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
     let bad = |reason: String| BootError::Cmdline {
         cmdline: cmdline.to_owned(),
         reason,
@@ -113,6 +164,17 @@ pub fn write_boot_params(mem: &GuestMemory, cmdline: &str, mem_size: u64) -> Res
     params.hdr.kernel_alignment = 0x100_0000;
     params.hdr.cmd_line_ptr = u32::try_from(layout::CMDLINE_ADDR).unwrap_or(u32::MAX);
     params.hdr.cmdline_size = u32::try_from(cmdline.len()).map_err(|e| bad(e.to_string()))?;
+    if let Some((addr, size)) = initrd {
+        // Both below 4 GiB: the initrd ends within low RAM, which stops at the MMIO gap.
+        let field = |v: u64, what: &str| {
+            u32::try_from(v).map_err(|_| BootError::BootParams {
+                addr: layout::ZERO_PAGE_ADDR,
+                reason: format!("initrd {what} {v:#x} above 4 GiB"),
+            })
+        };
+        params.hdr.ramdisk_image = field(addr, "address")?;
+        params.hdr.ramdisk_size = field(size, "size")?;
+    }
     let ram = [
         (0, layout::EBDA_START),
         (layout::HIMEM_START, mem_size - layout::HIMEM_START),

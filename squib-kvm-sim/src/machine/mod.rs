@@ -162,6 +162,8 @@ pub struct MachineConfig {
     /// Track guest writes (KVM's dirty log under squib's [`DirtyTracker`]) so
     /// that diff snapshots can be taken. Needs RAM in whole 2 MiB.
     pub track_dirty_pages: bool,
+    /// An initial ramdisk, loaded at the top of low RAM and named in the zero page.
+    pub initrd: Option<std::path::PathBuf>,
 }
 
 /// How [`Machine::restore`] brings the machine up.
@@ -299,8 +301,12 @@ impl Machine {
     pub fn boot(config: &MachineConfig, kernel: &Path, console: Console) -> Result<Self, MachineError> {
         config.validate()?;
         let memory = new_memory(config.mem_size)?;
-        let entry = boot::load_kernel(&memory, kernel)?;
-        boot::write_boot_params(&memory, &config.cmdline, config.mem_size)?;
+        let (entry, kernel_end) = boot::load_kernel(&memory, kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&memory, path, config.mem_size, kernel_end)?),
+            None => None,
+        };
+        boot::write_boot_params(&memory, &config.cmdline, config.mem_size, initrd)?;
         boot::write_tables(&memory)?;
         mptable::write(&memory, config.vcpus)?;
 

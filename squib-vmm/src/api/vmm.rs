@@ -148,6 +148,7 @@ impl Vmm {
                 vcpus: 1,
                 cmdline: String::new(),
                 track_dirty_pages: false,
+                initrd: None,
             },
             kernel: None,
             machine: None,
@@ -279,6 +280,7 @@ impl Vmm {
             vcpus: b.vcpu_count,
             cmdline: self.config.cmdline.clone(),
             track_dirty_pages: b.track_dirty_pages,
+            initrd: self.config.initrd.clone(),
         };
         config.validate().map_err(|e| bad(e.to_string()))?;
         self.config = config;
@@ -288,8 +290,13 @@ impl Vmm {
     fn put_boot_source(&mut self, req: &Request) -> Reply {
         self.not_started("PUT /boot-source")?;
         let b: BootSourceBody = body(req)?;
-        if let Some(initrd) = b.initrd_path {
-            return Err(bad(format!("initrd_path {}: not supported", initrd.display())));
+        if let Some(initrd) = &b.initrd_path
+            && !initrd.is_file()
+        {
+            return Err(bad(format!(
+                "initrd_path {}: not a readable file",
+                initrd.display()
+            )));
         }
         if !b.kernel_image_path.is_file() {
             return Err(bad(format!(
@@ -299,6 +306,7 @@ impl Vmm {
         }
         self.kernel = Some(b.kernel_image_path);
         self.config.cmdline = b.boot_args.unwrap_or_default();
+        self.config.initrd = b.initrd_path;
         Ok(Response::no_content())
     }
 

@@ -69,12 +69,6 @@ mod imp {
                 args.backend
             );
         }
-        if let Some(initrd) = &args.initrd {
-            bail!(
-                "--initrd {}: not supported by squib's KVM machine yet",
-                initrd.display()
-            );
-        }
         if args.api_sock.is_some() && (args.snapshot_every.is_some() || args.snapshot_dir.is_some()) {
             bail!("--snapshot-every/--snapshot-dir with --api-sock: take snapshots through the API");
         }
@@ -93,6 +87,7 @@ mod imp {
             vcpus,
             cmdline: args.cmdline.clone().unwrap_or_default(),
             track_dirty_pages: args.snapshot_dir.is_some(),
+            initrd: args.initrd.clone(),
         };
         if let Some(sock) = &args.api_sock {
             let mut vmm = Vmm::new(Box::new(console));
