@@ -147,6 +147,12 @@ pub fn run(args: RunArgs) -> CmdResult {
     if args.kernel.is_some() || args.api_sock.is_some() {
         return super::run_kernel::run(args);
     }
+    if let Some(trace) = &args.trace {
+        anyhow::bail!(
+            "--trace {}: a write trace is replayed, not run as a guest: use `squib trace replay FILE`, which replays it on the soft backend",
+            trace.display()
+        );
+    }
     match args.backend {
         BackendKind::Soft => super::run_soft::run(&args),
         BackendKind::Kvm => super::run_kvm::run(&args),
@@ -167,6 +173,45 @@ mod tests {
         assert!(parse_size("12Q").unwrap_err().contains("12Q"));
         assert!(parse_size("0").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn test_should_send_a_trace_to_trace_replay_whatever_the_backend() {
+        use clap::Parser;
+        for backend in ["soft", "kvm", "hvf"] {
+            let cli = crate::Cli::try_parse_from(["squib", "run", "--backend", backend, "--trace", "t.txt"])
+                .unwrap();
+            let crate::Command::Run(args) = cli.command else {
+                unreachable!()
+            };
+            let e = run(*args).unwrap_err().to_string();
+            assert!(
+                e.contains("t.txt") && e.contains("squib trace replay"),
+                "{backend}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_should_send_a_kernel_to_the_kvm_machine_only() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from([
+            "squib",
+            "run",
+            "--backend",
+            "soft",
+            "--kernel",
+            "/no/such/vmlinux",
+        ])
+        .unwrap();
+        let crate::Command::Run(args) = cli.command else {
+            unreachable!()
+        };
+        let e = run(*args).unwrap_err().to_string();
+        assert!(
+            e.contains("/no/such/vmlinux") && e.contains("needs --backend kvm"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,19 +35,6 @@ mod linux {
     /// A bad workload, memory size or vCPU count, a missing `/dev/kvm`, or a failure in the VM
     /// or in tracking.
     pub fn run(args: &RunArgs) -> CmdResult {
-        if args.kernel.is_some() {
-            anyhow::bail!(
-                "--backend kvm --kernel: booting a kernel is handled by the machine builder (squib-kvm-sim's machine module), not by this workload runner; run a built-in guest with --workload"
-            );
-        }
-        if args.trace.is_some() {
-            anyhow::bail!(
-                "--backend kvm --trace: use `squib trace replay FILE`, which replays a trace on the soft backend"
-            );
-        }
-        if args.api_sock.is_some() {
-            anyhow::bail!("--api-sock is not served by the KVM workload runner");
-        }
         let spec = args.workload.as_deref().unwrap_or("idle");
         let workload: Workload = spec.parse().with_context(|| format!("--workload {spec}"))?;
         let layout = MemoryLayout::for_size(args.mem).with_context(|| format!("--mem {}", args.mem))?;
@@ -245,18 +232,6 @@ mod tests {
         Cli::try_parse_from(std::iter::once("squib").chain(argv.iter().copied()))
             .unwrap()
             .args
-    }
-
-    #[test]
-    fn test_should_refuse_kernel_boot_and_traces_naming_where_they_belong() {
-        let e = super::run(&args(&["--backend", "kvm", "--kernel", "/boot/vmlinuz"]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--kernel") && e.contains("machine"), "{e}");
-        let e = super::run(&args(&["--backend", "kvm", "--trace", "t.txt"]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("trace replay"), "{e}");
     }
 
     #[test]

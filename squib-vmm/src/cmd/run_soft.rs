@@ -14,19 +14,6 @@ use super::run::RunArgs;
 /// # Errors
 /// A bad workload, memory size or vCPU count, or a failure in tracking.
 pub fn run(args: &RunArgs) -> CmdResult {
-    if args.kernel.is_some() {
-        anyhow::bail!(
-            "--backend soft runs built-in workloads (--workload) or traces; --kernel needs --backend kvm or hvf"
-        );
-    }
-    if args.trace.is_some() {
-        anyhow::bail!(
-            "--backend soft --trace: use `squib trace replay FILE`, which replays a trace on the soft backend"
-        );
-    }
-    if args.api_sock.is_some() {
-        anyhow::bail!("--api-sock is not served by the soft backend");
-    }
     let spec = args.workload.as_deref().unwrap_or("idle");
     let workload: WorkloadSpec = spec.parse().with_context(|| format!("--workload {spec}"))?;
     let cfg = RunConfig {
