@@ -18,6 +18,16 @@ fn squib(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// Run squib expecting it to fail; returns its standard error.
+fn squib_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_squib"))
+        .args(args)
+        .output()
+        .expect("run squib");
+    assert!(!out.status.success(), "squib {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn members(dir: &Path) -> Vec<PathBuf> {
     let mut m: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -85,12 +95,7 @@ fn check_chain(backend_args: &[&str]) {
     assert!(a.iter().any(|&x| x != 0), "the guest wrote something");
 
     // A workload snapshot holds memory only: --for (resume a guest kernel) is refused, by name.
-    let out = Command::new(env!("CARGO_BIN_EXE_squib"))
-        .args(["snapshot", "restore", &leaf, "--for", "100ms"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = squib_fails(&["snapshot", "restore", &leaf, "--for", "100ms"]);
     assert!(err.contains(&leaf) && err.contains("no vCPU state"), "{err}");
 }
 
@@ -130,7 +135,7 @@ fn test_should_refuse_a_snapshot_dir_that_already_holds_a_chain() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("c");
     let d = dir.to_str().unwrap();
-    squib(&[
+    let run = [
         "run",
         "--backend",
         "soft",
@@ -144,28 +149,10 @@ fn test_should_refuse_a_snapshot_dir_that_already_holds_a_chain() {
         "100ms",
         "--snapshot-dir",
         d,
-    ]);
+    ];
+    squib(&run);
     let before = members(&dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_squib"))
-        .args([
-            "run",
-            "--backend",
-            "soft",
-            "--mem",
-            "8M",
-            "--workload",
-            "idle",
-            "--for",
-            "200ms",
-            "--snapshot-every",
-            "100ms",
-            "--snapshot-dir",
-            d,
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = squib_fails(&run);
     assert!(err.contains(d), "the error names the directory: {err}");
     assert_eq!(members(&dir), before, "nothing already saved is touched");
 }
