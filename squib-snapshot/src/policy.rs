@@ -157,6 +157,56 @@ impl CostModel {
     }
 }
 
+/// One in this many blocks written for the first time is measured whatever the prior says, so
+/// the estimate keeps learning when the prior sends the others coarse unmeasured.
+pub(crate) const FRESH_EXPLORE: u32 = 8;
+/// Once this many first epochs have been measured, the counts are halved at the next checkpoint,
+/// so the prior follows the guest's phases (start-up zeroing, then steady state).
+pub(crate) const FRESH_WINDOW: u32 = 64;
+
+/// The adaptive policy's prior for blocks it has never seen written.
+///
+/// A block's own faults say nothing about it until it has faulted `escalate_at` times, and a
+/// block that turns out dense pays those faults before it goes coarse: across a guest whose
+/// memory is written densely as it is first touched (a heap growing, memory being zeroed), that
+/// learning cost is paid once per block and can exceed what coarse tracking costs outright. But
+/// how the blocks written for the first time so far turned out *is* observable. At a block's
+/// first fault the policy weighs the estimated chance `p` that it is dense (the measured first
+/// epochs, counted pessimistically: a block still being measured counts as sparse) against the
+/// cost model: escalating at once saves `(escalate_at - 1)` faults if it is dense, and loses at
+/// most a whole block's bytes less one unit if it is sparse. It escalates at once only when
+/// `p (k - 1) F > (1 - p) (B - U)`, with a Laplace estimate of `p`, so a guest whose first-touched
+/// blocks are sparse (most programs) is never sent coarse by it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FreshPrior {
+    /// What escalating a dense block at once saves: `(escalate_at - 1) * F`, µs.
+    pub save: f64,
+    /// What escalating a sparse block at once loses at most: the block's bytes less one unit's, µs.
+    pub loss: f64,
+}
+
+impl FreshPrior {
+    /// The prior for a cost model and geometry.
+    pub(crate) fn new(cost: &CostModel, geometry: &PageGeometry) -> Self {
+        let k = f64::from(cost.escalate_at(geometry));
+        #[allow(clippy::cast_precision_loss)] // sizes are at most a few MiB
+        let (unit, block) = (geometry.tracking_hot as f64, geometry.tracking_default as f64);
+        Self {
+            save: (k - 1.0) * cost.fault_us,
+            loss: (block - unit) / cost.write_bytes_per_us,
+        }
+    }
+
+    /// Whether a block written for the first time escalates at its first fault, given that
+    /// `dense` of the `measured` first epochs so far were dense.
+    pub(crate) fn escalates_at_once(&self, measured: u32, dense: u32) -> bool {
+        let dense = dense.min(measured);
+        let p_dense = f64::from(dense) + 1.0;
+        let p_sparse = f64::from(measured - dense) + 1.0;
+        p_dense * self.save > p_sparse * self.loss
+    }
+}
+
 /// How long the adaptive policy may hold a dense block coarse between probes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct HoldLimits {
@@ -563,6 +613,42 @@ mod tests {
             write_bytes_per_us: 500.0,
         };
         assert_eq!(free.escalate_at(&g), 128);
+    }
+
+    #[test]
+    fn test_should_send_fresh_blocks_coarse_only_on_evidence_worth_its_risk() {
+        let g = PageGeometry::APPLE_SILICON;
+        let nested = FreshPrior::new(
+            &CostModel {
+                fault_us: 50.0,
+                protect_us: 120.0,
+                write_bytes_per_us: 5000.0,
+            },
+            &g,
+        );
+        // Saving 8 faults (400 µs) against losing at most 416 µs of bytes: about even odds.
+        assert!(!nested.escalates_at_once(0, 0), "no evidence");
+        assert!(!nested.escalates_at_once(1, 0));
+        assert!(!nested.escalates_at_once(2, 1));
+        assert!(nested.escalates_at_once(2, 2));
+        assert!(!nested.escalates_at_once(6, 1), "mostly sparse");
+        // Defaults: a wrong guess costs a 2 MiB write (4.2 ms) against 114 faults (456 µs)
+        // saved, so it takes nine dense first epochs in a row and few sparse ones.
+        let default = FreshPrior::new(&CostModel::default(), &g);
+        assert!(!default.escalates_at_once(8, 8));
+        assert!(default.escalates_at_once(9, 9));
+        assert!(default.escalates_at_once(40, 38));
+        assert!(!default.escalates_at_once(40, 34));
+        // Free faults: never worth it.
+        let free = FreshPrior::new(
+            &CostModel {
+                fault_us: 0.0,
+                protect_us: 0.0,
+                write_bytes_per_us: 500.0,
+            },
+            &g,
+        );
+        assert!(!free.escalates_at_once(1000, 1000));
     }
 
     #[test]

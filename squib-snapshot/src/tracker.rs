@@ -31,7 +31,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, bitmap::
 use crate::backend::{BackendError, GuestFault, Stage2Backend};
 use crate::bitmap::DirtyBitmap;
 use crate::policy::{
-    BlockHistory, BlockMode, ConfigError, EpochObservation, HoldLimits, Policy, TrackingConfig, adaptive_next,
+    BlockHistory, BlockMode, ConfigError, EpochObservation, FRESH_EXPLORE, FRESH_WINDOW, FreshPrior,
+    HoldLimits, Policy, TrackingConfig, adaptive_next,
 };
 use crate::sync::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
@@ -151,8 +152,30 @@ struct Region {
     modes: Box<[AtomicU8]>,
     epoch_faults: Box<[AtomicU32]>,
     window_faults: Box<[AtomicU32]>,
-    /// Adaptive: the fault count at which each block escalates (its history raises it).
+    /// Adaptive: the fault count at which each block escalates (its history raises it), in the
+    /// low bits, with the [`FRESH`] and [`MEASURING`] flags above them.
     escalate_at: Box<[AtomicU32]>,
+}
+
+/// In a block's `escalate_at`: the block has never been written. Its first fault consults the
+/// adaptive policy's [`FreshPrior`].
+const FRESH: u32 = 1 << 31;
+/// In a block's `escalate_at`: the block's first written epoch is being measured; if it escalates,
+/// it counts as dense in the prior.
+const MEASURING: u32 = 1 << 30;
+/// The escalation point, without the flags.
+const THRESHOLD: u32 = MEASURING - 1;
+
+/// What the adaptive policy has seen of blocks' first written epochs (the [`FreshPrior`]'s data).
+/// Statistics only: a lost update costs a slightly different estimate, never a write.
+#[derive(Debug, Default)]
+struct FreshCounts {
+    /// Blocks written for the first time so far (picks which ones are measured regardless).
+    seen: AtomicU32,
+    /// First epochs measured (counted at the first fault, so one still running counts as sparse).
+    measured: AtomicU32,
+    /// Of those, the ones that escalated.
+    dense: AtomicU32,
 }
 
 fn atomics<T>(n: u64, f: impl Fn() -> T) -> Box<[T]> {
@@ -237,6 +260,9 @@ pub struct DirtyTracker<B> {
     escalate_at: u32,
     /// The adaptive policy's probe spacing, from the cost model.
     hold: HoldLimits,
+    /// The adaptive policy's prior for never-written blocks, and its data.
+    prior: FreshPrior,
+    fresh: FreshCounts,
     regions: Box<[Region]>,
     counters: Counters,
     state: Mutex<CheckpointState>,
@@ -294,9 +320,14 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             Policy::Adaptive => config.cost.escalate_at(&geometry),
             _ => u32::MAX,
         };
+        let initial = if config.policy == Policy::Adaptive {
+            escalate_at.min(THRESHOLD) | FRESH
+        } else {
+            escalate_at
+        };
         for r in &built {
             for t in r.escalate_at.iter() {
-                t.store(escalate_at, Ordering::Relaxed);
+                t.store(initial, Ordering::Relaxed);
             }
         }
         let state = CheckpointState {
@@ -324,6 +355,8 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             unit_shift,
             escalate_at,
             hold: HoldLimits::new(&config.cost, &geometry, config.max_probe_interval),
+            prior: FreshPrior::new(&config.cost, &geometry),
+            fresh: FreshCounts::default(),
             regions: built.into_boxed_slice(),
             counters: Counters::default(),
             state: Mutex::new(state),
@@ -430,7 +463,13 @@ impl<B: Stage2Backend> DirtyTracker<B> {
         let mut coarse = r.modes[b].load(Ordering::Acquire) == BlockMode::Coarse as u8;
         if !coarse && self.escalate_at != u32::MAX {
             let n = r.epoch_faults[b].fetch_add(1, Ordering::Relaxed) + 1;
-            if n == r.escalate_at[b].load(Ordering::Relaxed)
+            let at = r.escalate_at[b].load(Ordering::Relaxed);
+            let escalate = if at & FRESH != 0 {
+                self.first_fault(&r.escalate_at[b], n)
+            } else {
+                n == at & THRESHOLD
+            };
+            if escalate
                 && r.modes[b]
                     .compare_exchange(
                         BlockMode::Fine as u8,
@@ -441,6 +480,9 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                     .is_ok()
             {
                 bump(&self.counters.step_ups, 1);
+                if r.escalate_at[b].load(Ordering::Relaxed) & MEASURING != 0 {
+                    self.fresh.dense.fetch_add(1, Ordering::Relaxed);
+                }
                 coarse = true;
             }
         }
@@ -460,6 +502,26 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             r.fine.set((gpa - r.range.start()) >> self.unit_shift);
         }
         Ok(FaultOutcome { unit, coarse })
+    }
+
+    /// The first fault of a block never written before: whether the prior sends it coarse at
+    /// once. Otherwise the block's first epoch is measured (one in [`FRESH_EXPLORE`] always is).
+    #[inline]
+    fn first_fault(&self, at: &AtomicU32, n: u32) -> bool {
+        let old = at.fetch_and(!FRESH, Ordering::Relaxed);
+        if old & FRESH == 0 {
+            // Another vCPU took the first fault; this one counts toward the escalation point.
+            return n == old & THRESHOLD;
+        }
+        let seen = self.fresh.seen.fetch_add(1, Ordering::Relaxed);
+        let measured = self.fresh.measured.load(Ordering::Relaxed);
+        let dense = self.fresh.dense.load(Ordering::Relaxed);
+        if !seen.is_multiple_of(FRESH_EXPLORE) && self.prior.escalates_at_once(measured, dense) {
+            return true;
+        }
+        self.fresh.measured.fetch_add(1, Ordering::Relaxed);
+        at.fetch_or(MEASURING, Ordering::Relaxed);
+        n == old & THRESHOLD
     }
 
     /// Mark `range` dirty without a fault (a write the VMM made, or a harvested range). Parts of
@@ -542,6 +604,9 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             r.fine.drain(|u| st.fine_units.push(u));
             let dirty = !st.coarse_blocks.is_empty() || !st.fine_units.is_empty();
             self.decide_modes(st, ri);
+            if ri + 1 == self.regions.len() {
+                self.age_fresh_counts();
+            }
             if !dirty {
                 continue;
             }
@@ -646,6 +711,18 @@ impl<B: Stage2Backend> DirtyTracker<B> {
         }
     }
 
+    /// Halve the prior's counts once they cover more than [`FRESH_WINDOW`] first epochs, so it
+    /// follows the guest's phases. Under the checkpoint lock; a racing first fault's increment may
+    /// be lost, which only nudges the estimate.
+    fn age_fresh_counts(&self) {
+        let measured = self.fresh.measured.load(Ordering::Relaxed);
+        if measured > FRESH_WINDOW {
+            let dense = self.fresh.dense.load(Ordering::Relaxed);
+            self.fresh.measured.store(measured / 2, Ordering::Relaxed);
+            self.fresh.dense.store(dense.min(measured) / 2, Ordering::Relaxed);
+        }
+    }
+
     /// The policy's decision for region `ri`'s blocks, at the end of an epoch. Runs under the
     /// checkpoint lock, after the drain (so `coarse_blocks` and `fine_units` hold the epoch).
     fn decide_modes(&self, st: &mut CheckpointState, ri: usize) {
@@ -683,10 +760,16 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             };
             let next = adaptive_next(&mut st.history[ri][b], obs, self.hold);
             let max_units = u32::try_from(self.geometry.hot_per_block()).unwrap_or(u32::MAX);
-            r.escalate_at[b].store(
-                st.history[ri][b].escalate_at(self.escalate_at, max_units),
-                Ordering::Relaxed,
-            );
+            // A block still never written stays fresh; a written one is judged by its history.
+            let fresh = if obs.dirty {
+                0
+            } else {
+                r.escalate_at[b].load(Ordering::Relaxed) & FRESH
+            };
+            let at = st.history[ri][b]
+                .escalate_at(self.escalate_at, max_units)
+                .min(THRESHOLD);
+            r.escalate_at[b].store(at | fresh, Ordering::Relaxed);
             if next != now {
                 r.modes[b].store(next as u8, Ordering::Release);
                 match next {

@@ -156,6 +156,85 @@ fn test_should_escalate_a_densely_written_block_to_coarse_within_the_epoch() {
     assert_eq!((c.step_ups, c.step_downs), (1, 1));
 }
 
+/// Expensive faults, a fast disk: the adaptive policy escalates after a handful of faults.
+fn nested_costs() -> TrackingConfig {
+    let mut c = TrackingConfig::new(Policy::Adaptive);
+    c.cost.fault_us = 50.0;
+    c.cost.write_bytes_per_us = 5000.0;
+    c
+}
+
+/// Write every hot unit of block `b` once; the faults it took.
+fn write_block_densely(rec: &Recorder, t: &DirtyTracker<Arc<Recorder>>, base: u64, b: u64) -> u64 {
+    let g = t.geometry();
+    (0..g.hot_per_block())
+        .map(|u| {
+            rec.guest_write(t, base + b * g.tracking_default + u * g.tracking_hot, 8, 0)
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn test_should_send_never_written_blocks_coarse_at_once_when_first_touched_blocks_proved_dense() {
+    // A guest zeroing its memory block by block: once the first blocks have shown that a block
+    // is dense when first written, the next ones are granted whole at their first fault (one
+    // fault each) instead of paying the escalation faults again; one in eight is still measured.
+    let g = PageGeometry::APPLE_SILICON;
+    let r = ram(0x8000_0000, 32 << 20);
+    let rec = Arc::new(Recorder::new(g, &[r]));
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], nested_costs()).unwrap();
+    t.start().unwrap();
+    let k = u64::from(t.escalate_at());
+    let faults: Vec<u64> = (0..16)
+        .map(|b| write_block_densely(&rec, &t, r.start(), b))
+        .collect();
+    assert_eq!(faults[0], k, "the first block is measured");
+    assert_eq!(
+        faults[1], 1,
+        "at these costs a wrong guess loses about what a right one saves: 2 to 1 odds suffice"
+    );
+    let at_once = faults.iter().filter(|&&f| f == 1).count();
+    let measured = faults.iter().filter(|&&f| f == k).count();
+    assert_eq!(at_once + measured, 16, "{faults:?}");
+    assert_eq!(faults[8], k, "one in eight is measured whatever the prior says");
+    assert_eq!(at_once, 14, "{faults:?}");
+    // Every byte is still in the diff.
+    let mut bytes = 0;
+    t.checkpoint(None, |d| -> Result<(), std::io::Error> {
+        bytes = d.iter().map(GpaRange::len).sum();
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(bytes, 16 * g.tracking_default);
+}
+
+#[test]
+fn test_should_keep_never_written_blocks_fine_when_first_touched_blocks_proved_sparse() {
+    // Most programs: the blocks written so far held a few pages each, so a new block's first
+    // fault grants one unit, even after one dense block.
+    let g = PageGeometry::APPLE_SILICON;
+    let r = ram(0x8000_0000, 32 << 20);
+    let rec = Arc::new(Recorder::new(g, &[r]));
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], nested_costs()).unwrap();
+    t.start().unwrap();
+    for b in 0..4 {
+        rec.guest_write(&t, r.start() + b * g.tracking_default, 8, 0)
+            .unwrap();
+    }
+    assert_eq!(
+        write_block_densely(&rec, &t, r.start(), 4),
+        u64::from(t.escalate_at())
+    );
+    t.checkpoint(None, |_| -> Result<(), std::io::Error> { Ok(()) })
+        .unwrap();
+    for b in 5..16 {
+        let gpa = r.start() + b * g.tracking_default;
+        assert_eq!(rec.guest_write(&t, gpa, 8, 0).unwrap(), 1);
+        assert_eq!(t.block_mode(gpa), Some(BlockMode::Fine), "block {b}");
+    }
+}
+
 #[test]
 fn test_should_step_the_whole_region_down_under_the_region_policy() {
     let g = PageGeometry::APPLE_SILICON;
