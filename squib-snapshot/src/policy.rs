@@ -435,6 +435,8 @@ pub(crate) struct BlockHistory {
     gap: u16,
     /// The last wake-up (a dirty epoch after clean ones) that was tracked finely proved dense.
     wakes_dense: bool,
+    /// Due probes in a row answered by other blocks' probes instead of its own.
+    skips: u8,
 }
 
 impl BlockHistory {
@@ -452,6 +454,112 @@ impl BlockHistory {
 const FLIP_STEP: u8 = 4;
 const FLIP_MAX: u8 = 8;
 
+/// Probes of held blocks started at one checkpoint while no outcome of probes at the same
+/// spacing is known.
+pub(crate) const PROBE_WAVE: u32 = 4;
+/// Due probes in a row a block may let other blocks' probes answer.
+const MAX_SKIPS: u8 = 7;
+/// Probe spacings the evidence tells apart (longer ones share the last slot).
+const COHORTS: usize = 64;
+const SAW_DENSE: u8 = 1;
+const SAW_SPARSE: u8 = 2;
+
+/// What the adaptive policy learns from probes of held blocks, across blocks.
+///
+/// A probe of a block that is still dense costs the escalation faults and tells only that. In a
+/// guest that writes many blocks alike, the blocks held coarse come due for probes together, at
+/// the same spacing (they have the same history), and probing all of them pays that cost many
+/// times over for one piece of knowledge. So blocks due at the same spacing form a cohort: at one
+/// checkpoint at most [`PROBE_WAVE`] of them probe while the cohort's last outcome is unknown and
+/// the rest wait; once the outcome is in, a dense one answers the waiting blocks' probes (their
+/// spacing doubles as if they had probed), and a sparse one sends them all to probe. A block lets
+/// others answer for it at most [`MAX_SKIPS`] times in a row, so every block is still measured
+/// itself at a bounded rate, and a cohort that turns sparse is seen within a few epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProbeEvidence {
+    /// Outcomes recorded at the previous checkpoint, per probe spacing.
+    prev: [u8; COHORTS],
+    /// Outcomes being recorded at this checkpoint.
+    cur: [u8; COHORTS],
+    /// Probes started at this checkpoint without an outcome to go by.
+    started: u32,
+}
+
+impl Default for ProbeEvidence {
+    fn default() -> Self {
+        Self {
+            prev: [0; COHORTS],
+            cur: [0; COHORTS],
+            started: 0,
+        }
+    }
+}
+
+/// What to do with a held block whose probe is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProbeGate {
+    /// Track it finely for an epoch.
+    Probe,
+    /// Its cohort's probes proved dense: count it as confirmed, hold it another interval.
+    Skip,
+    /// This checkpoint's wave is full and no outcome is known: ask again at the next one.
+    Defer,
+}
+
+const fn cohort(interval: u16) -> usize {
+    let i = interval as usize;
+    if i < COHORTS { i } else { COHORTS - 1 }
+}
+
+impl ProbeEvidence {
+    /// A new checkpoint: what was recorded becomes what the gate goes by.
+    pub(crate) fn new_checkpoint(&mut self) {
+        self.prev = self.cur;
+        self.cur = [0; COHORTS];
+        self.started = 0;
+    }
+
+    /// A probe's outcome: `dense` when the block escalated again. `interval` is the spacing the
+    /// probe was started at.
+    fn record(&mut self, interval: u16, dense: bool) {
+        self.cur[cohort(interval)] |= if dense { SAW_DENSE } else { SAW_SPARSE };
+    }
+
+    /// Whether a due probe at spacing `interval`, of a block that let others answer for it
+    /// `skips` times in a row, runs.
+    fn gate(&mut self, interval: u16, skips: u8) -> ProbeGate {
+        let seen = self.prev[cohort(interval)];
+        if skips >= MAX_SKIPS || seen & SAW_SPARSE != 0 {
+            return ProbeGate::Probe;
+        }
+        if seen & SAW_DENSE != 0 {
+            return ProbeGate::Skip;
+        }
+        if self.started >= PROBE_WAVE {
+            return ProbeGate::Defer;
+        }
+        self.started += 1;
+        ProbeGate::Probe
+    }
+}
+
+/// Re-arm a block held coarse after it proved dense: a confirming probe doubles the spacing of
+/// the next one; a first escalation probes again soon.
+fn rearm(h: &mut BlockHistory, limits: HoldLimits, confirmed: bool) {
+    let floor = limits.floor(h.held);
+    let mut cap = limits.max.max(floor);
+    if limits.held_divisor > 0 {
+        let by_held = u16::try_from(h.held / u32::from(limits.held_divisor)).unwrap_or(u16::MAX);
+        cap = cap.min(by_held.max(floor));
+    }
+    h.probe_interval = if confirmed {
+        h.probe_interval.saturating_mul(2).clamp(floor, cap)
+    } else {
+        floor
+    };
+    h.until_probe = h.probe_interval;
+}
+
 /// The adaptive policy's decision for a block's next epoch.
 ///
 /// Holding a block coarse is a bet that it stays dense: a coarse epoch of a block that turned
@@ -467,13 +575,21 @@ const FLIP_MAX: u8 = 8;
 /// - stops holding a block whose density flips: once a block has been found sparse right after
 ///   being dense, it escalates afresh each epoch (paying at most the escalation faults when dense,
 ///   and nothing extra when sparse) until escalations outnumber the flips again.
-pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits: HoldLimits) -> BlockMode {
+pub(crate) fn adaptive_next(
+    h: &mut BlockHistory,
+    obs: EpochObservation,
+    limits: HoldLimits,
+    ev: &mut ProbeEvidence,
+) -> BlockMode {
     // A probe is consumed by the first dirty epoch after it starts.
     let was_probe = if obs.dirty {
         std::mem::take(&mut h.probing)
     } else {
         h.probing
     };
+    if was_probe && obs.dirty {
+        ev.record(h.probe_interval, obs.escalated);
+    }
     let woke = obs.dirty && h.gap > 0;
     if obs.dirty {
         h.gap = 0;
@@ -495,30 +611,30 @@ pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits:
         }
         // Dense enough that the whole block was cheaper. A probe that escalates again doubles the
         // spacing of the next probe; a first escalation probes again soon.
-        let floor = limits.floor(h.held);
-        let mut cap = limits.max.max(floor);
-        if limits.held_divisor > 0 {
-            let by_held = u16::try_from(h.held / u32::from(limits.held_divisor)).unwrap_or(u16::MAX);
-            cap = cap.min(by_held.max(floor));
-        }
-        h.probe_interval = if was_probe {
-            h.probe_interval.saturating_mul(2).clamp(floor, cap)
-        } else {
-            floor
-        };
-        h.until_probe = h.probe_interval;
+        rearm(h, limits, was_probe);
         return BlockMode::Coarse;
     }
     match obs.start {
         BlockMode::Coarse if obs.dirty => {
             h.idle = 0;
             h.held = h.held.saturating_add(1);
-            if h.until_probe <= 1 {
-                h.probing = true;
-                BlockMode::Fine
-            } else {
+            if h.until_probe > 1 {
                 h.until_probe -= 1;
-                BlockMode::Coarse
+                return BlockMode::Coarse;
+            }
+            match ev.gate(h.probe_interval, h.skips) {
+                ProbeGate::Probe => {
+                    h.skips = 0;
+                    h.probing = true;
+                    BlockMode::Fine
+                }
+                ProbeGate::Skip => {
+                    // The blocks probed alongside it proved dense: count it as confirmed too.
+                    h.skips += 1;
+                    rearm(h, limits, true);
+                    BlockMode::Coarse
+                }
+                ProbeGate::Defer => BlockMode::Coarse,
             }
         }
         BlockMode::Coarse => {
@@ -563,6 +679,11 @@ pub(crate) fn adaptive_next(h: &mut BlockHistory, obs: EpochObservation, limits:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One block's decision, with no other block's probes to learn from.
+    fn next(h: &mut BlockHistory, obs: EpochObservation, limits: HoldLimits) -> BlockMode {
+        adaptive_next(h, obs, limits, &mut ProbeEvidence::default())
+    }
 
     #[test]
     fn test_should_parse_and_name_every_policy() {
@@ -672,34 +793,25 @@ mod tests {
             dirty: true,
             units: 1,
         };
-        assert_eq!(
-            adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
+        assert_eq!(next(&mut h, esc, HoldLimits::doubling(64)), BlockMode::Coarse);
         // Interval 1: the next dirty coarse epoch probes.
         assert_eq!(
-            adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
+            next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
         // The probe escalates again: interval doubles to 2.
+        assert_eq!(next(&mut h, esc, HoldLimits::doubling(64)), BlockMode::Coarse);
         assert_eq!(
-            adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
+            next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
             BlockMode::Coarse
         );
         assert_eq!(
-            adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
-        assert_eq!(
-            adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
+            next(&mut h, coarse_dirty, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
-        assert_eq!(
-            adaptive_next(&mut h, esc, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
+        assert_eq!(next(&mut h, esc, HoldLimits::doubling(64)), BlockMode::Coarse);
         let mut coarse_epochs = 0;
-        while adaptive_next(&mut h, coarse_dirty, HoldLimits::doubling(64)) == BlockMode::Coarse {
+        while next(&mut h, coarse_dirty, HoldLimits::doubling(64)) == BlockMode::Coarse {
             coarse_epochs += 1;
         }
         assert_eq!(
@@ -739,52 +851,110 @@ mod tests {
         units: 0,
     };
 
+    /// Run one checkpoint over `blocks`: each block's epoch is dense (`dense`) or one unit.
+    fn checkpoint_all(
+        blocks: &mut [(BlockHistory, BlockMode)],
+        ev: &mut ProbeEvidence,
+        dense: bool,
+    ) -> usize {
+        ev.new_checkpoint();
+        let mut fine = 0;
+        for (h, mode) in blocks.iter_mut() {
+            let obs = match (*mode, dense) {
+                (BlockMode::Coarse, _) => COARSE_DIRTY,
+                (BlockMode::Fine, true) => ESC,
+                (BlockMode::Fine, false) => FINE_SPARSE,
+            };
+            *mode = adaptive_next(h, obs, HoldLimits::doubling(64), ev);
+            fine += usize::from(*mode == BlockMode::Fine);
+        }
+        fine
+    }
+
+    #[test]
+    fn test_should_let_a_wave_of_probes_answer_for_the_blocks_due_with_it() {
+        let mut ev = ProbeEvidence::default();
+        let mut blocks = vec![(BlockHistory::default(), BlockMode::Fine); 32];
+        assert_eq!(
+            checkpoint_all(&mut blocks, &mut ev, true),
+            0,
+            "all escalated, held"
+        );
+        // Interval 1: all 32 are due; only a wave probes.
+        assert_eq!(checkpoint_all(&mut blocks, &mut ev, true), PROBE_WAVE as usize);
+        // The wave's outcome is not in yet when the others ask again: another wave.
+        assert_eq!(checkpoint_all(&mut blocks, &mut ev, true), PROBE_WAVE as usize);
+        // The first wave proved dense: the waiting blocks count as confirmed, nobody probes.
+        assert_eq!(checkpoint_all(&mut blocks, &mut ev, true), 0);
+        let intervals: Vec<u16> = blocks.iter().map(|(h, _)| h.probe_interval).collect();
+        assert!(intervals.iter().all(|&i| i == 2), "{intervals:?}");
+        // Each block is still measured itself at a bounded rate.
+        let mut probes = vec![0u32; blocks.len()];
+        for _ in 0..200 {
+            checkpoint_all(&mut blocks, &mut ev, true);
+            for (p, (_, m)) in probes.iter_mut().zip(&blocks) {
+                *p += u32::from(*m == BlockMode::Fine);
+            }
+        }
+        assert!(probes.iter().all(|&p| p >= 1), "{probes:?}");
+    }
+
+    #[test]
+    fn test_should_send_a_whole_cohort_to_probe_when_its_wave_finds_the_density_gone() {
+        let mut ev = ProbeEvidence::default();
+        let mut blocks = vec![(BlockHistory::default(), BlockMode::Fine); 32];
+        checkpoint_all(&mut blocks, &mut ev, true);
+        // The guest's phase changes: the wave probes and finds its blocks sparse.
+        assert_eq!(checkpoint_all(&mut blocks, &mut ev, false), PROBE_WAVE as usize);
+        assert_eq!(
+            checkpoint_all(&mut blocks, &mut ev, false),
+            2 * PROBE_WAVE as usize
+        );
+        // The sparse outcome is in: every waiting block probes, and all end up fine.
+        assert_eq!(checkpoint_all(&mut blocks, &mut ev, false), 32);
+        assert_eq!(checkpoint_all(&mut blocks, &mut ev, false), 32);
+    }
+
     #[test]
     fn test_should_hold_a_dense_block_coarse_across_an_idle_gap_no_longer_than_its_probe_interval() {
         let mut h = BlockHistory::default();
+        assert_eq!(next(&mut h, ESC, HoldLimits::doubling(64)), BlockMode::Coarse);
         assert_eq!(
-            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
-        assert_eq!(
-            adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+            next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
         assert_eq!(
-            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
+            next(&mut h, ESC, HoldLimits::doubling(64)),
             BlockMode::Coarse,
             "probe interval now 2"
         );
         assert_eq!(
-            adaptive_next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
+            next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
             BlockMode::Coarse
         );
         assert_eq!(
-            adaptive_next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
+            next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
             BlockMode::Coarse
         );
         assert_eq!(
-            adaptive_next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
+            next(&mut h, COARSE_CLEAN, HoldLimits::doubling(64)),
             BlockMode::Fine,
             "a gap longer than the interval releases the block"
         );
         // The release is a probe: escalating on wake-up confirms the density (interval 4).
         assert_eq!(
-            adaptive_next(&mut h, FINE_CLEAN, HoldLimits::doubling(64)),
+            next(&mut h, FINE_CLEAN, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
-        assert_eq!(
-            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
+        assert_eq!(next(&mut h, ESC, HoldLimits::doubling(64)), BlockMode::Coarse);
         for _ in 0..3 {
             assert_eq!(
-                adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+                next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
                 BlockMode::Coarse
             );
         }
         assert_eq!(
-            adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+            next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
     }
@@ -792,31 +962,22 @@ mod tests {
     #[test]
     fn test_should_stop_holding_a_block_whose_density_flips_until_it_settles() {
         let mut h = BlockHistory::default();
+        assert_eq!(next(&mut h, ESC, HoldLimits::doubling(64)), BlockMode::Coarse);
         assert_eq!(
-            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
-        assert_eq!(
-            adaptive_next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
+            next(&mut h, COARSE_DIRTY, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
         // The probe finds it sparse right after it was dense: a flip.
         assert_eq!(
-            adaptive_next(&mut h, FINE_SPARSE, HoldLimits::doubling(64)),
+            next(&mut h, FINE_SPARSE, HoldLimits::doubling(64)),
             BlockMode::Fine
         );
         // Dense again: escalations do not hold it coarse while the flip score lasts.
         for _ in 0..FLIP_STEP {
-            assert_eq!(
-                adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
-                BlockMode::Fine
-            );
+            assert_eq!(next(&mut h, ESC, HoldLimits::doubling(64)), BlockMode::Fine);
         }
         // Settled dense: held coarse again.
-        assert_eq!(
-            adaptive_next(&mut h, ESC, HoldLimits::doubling(64)),
-            BlockMode::Coarse
-        );
+        assert_eq!(next(&mut h, ESC, HoldLimits::doubling(64)), BlockMode::Coarse);
     }
 
     #[test]
@@ -839,21 +1000,17 @@ mod tests {
             units,
         };
         let mut near = BlockHistory::default();
-        assert_eq!(adaptive_next(&mut near, ESC, limits), BlockMode::Coarse);
-        assert_eq!(adaptive_next(&mut near, COARSE_DIRTY, limits), BlockMode::Fine);
-        assert_eq!(adaptive_next(&mut near, sparse(8), limits), BlockMode::Fine);
+        assert_eq!(next(&mut near, ESC, limits), BlockMode::Coarse);
+        assert_eq!(next(&mut near, COARSE_DIRTY, limits), BlockMode::Fine);
+        assert_eq!(next(&mut near, sparse(8), limits), BlockMode::Fine);
         assert_eq!(near.escalate_at(9, 128), 9 + 9 * 4 / 8);
-        assert_eq!(
-            adaptive_next(&mut near, ESC, limits),
-            BlockMode::Coarse,
-            "still held"
-        );
+        assert_eq!(next(&mut near, ESC, limits), BlockMode::Coarse, "still held");
         let mut flip = BlockHistory::default();
-        adaptive_next(&mut flip, ESC, limits);
-        adaptive_next(&mut flip, COARSE_DIRTY, limits);
-        adaptive_next(&mut flip, sparse(1), limits);
+        next(&mut flip, ESC, limits);
+        next(&mut flip, COARSE_DIRTY, limits);
+        next(&mut flip, sparse(1), limits);
         assert_eq!(flip.escalate_at(9, 128), 13);
-        assert_eq!(adaptive_next(&mut flip, ESC, limits), BlockMode::Fine, "not held");
+        assert_eq!(next(&mut flip, ESC, limits), BlockMode::Fine, "not held");
         assert_eq!(BlockHistory::default().escalate_at(115, 128), 115);
         let mut capped = flip;
         capped.flips = FLIP_MAX;
@@ -881,19 +1038,13 @@ mod tests {
             dirty: false,
             units: 0,
         };
-        assert_eq!(
-            adaptive_next(&mut h, clean, HoldLimits::doubling(64)),
-            BlockMode::Fine
-        );
+        assert_eq!(next(&mut h, clean, HoldLimits::doubling(64)), BlockMode::Fine);
         let sparse = EpochObservation {
             start: BlockMode::Fine,
             escalated: false,
             dirty: true,
             units: 1,
         };
-        assert_eq!(
-            adaptive_next(&mut h, sparse, HoldLimits::doubling(64)),
-            BlockMode::Fine
-        );
+        assert_eq!(next(&mut h, sparse, HoldLimits::doubling(64)), BlockMode::Fine);
     }
 }

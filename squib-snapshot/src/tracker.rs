@@ -32,7 +32,7 @@ use crate::backend::{BackendError, GuestFault, Stage2Backend};
 use crate::bitmap::DirtyBitmap;
 use crate::policy::{
     BlockHistory, BlockMode, ConfigError, EpochObservation, FRESH_EXPLORE, FRESH_WINDOW, FreshPrior,
-    HoldLimits, Policy, TrackingConfig, adaptive_next,
+    HoldLimits, Policy, ProbeEvidence, TrackingConfig, adaptive_next,
 };
 use crate::sync::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
@@ -216,6 +216,8 @@ impl Region {
 struct CheckpointState {
     started: bool,
     history: Vec<Vec<BlockHistory>>,
+    /// The adaptive policy's probe outcomes across blocks.
+    probes: ProbeEvidence,
     /// Mode each block started the current epoch in.
     epoch_start: Vec<Vec<BlockMode>>,
     fine_units: Vec<u64>,
@@ -594,6 +596,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             self.or_in_vmm_writes(mem);
         }
         st.ranges.clear();
+        st.probes.new_checkpoint();
         let mut protect_calls = 0;
         let mut failure = None;
         for (ri, r) in self.regions.iter().enumerate() {
@@ -758,7 +761,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 dirty: coarse_dirty || fine_dirty,
                 units,
             };
-            let next = adaptive_next(&mut st.history[ri][b], obs, self.hold);
+            let next = adaptive_next(&mut st.history[ri][b], obs, self.hold, &mut st.probes);
             let max_units = u32::try_from(self.geometry.hot_per_block()).unwrap_or(u32::MAX);
             // A block still never written stays fresh; a written one is judged by its history.
             let fresh = if obs.dirty {
