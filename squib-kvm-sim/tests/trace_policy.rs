@@ -33,29 +33,33 @@ fn trace(densities: &[u64]) -> String {
     s
 }
 
-fn cost(text: &str, policy: Policy, model: CostModel) -> f64 {
+/// Expensive faults, a fast disk: a userfaultfd fault on a nested host, a page-cache writer.
+const NESTED: CostModel = CostModel {
+    fault_us: 50.0,
+    protect_us: 120.0,
+    write_bytes_per_us: 5000.0,
+};
+
+fn cost(text: &str, mem: u64, policy: Policy, model: CostModel) -> f64 {
     let mut cfg = ReplayConfig::new(policy);
     cfg.tracking.cost = model;
-    replay(text.as_bytes(), &cfg, BLOCKS * BLOCK)
-        .unwrap()
-        .modelled_cost_us
+    replay(text.as_bytes(), &cfg, mem).unwrap().modelled_cost_us
 }
 
-fn check(name: &str, densities: &[u64]) {
-    let nested = CostModel {
-        fault_us: 50.0,
-        protect_us: 120.0,
-        write_bytes_per_us: 5000.0,
-    };
-    for model in [CostModel::default(), nested] {
-        let t = trace(densities);
-        let best = cost(&t, Policy::Fine, model).min(cost(&t, Policy::Coarse, model));
-        let adaptive = cost(&t, Policy::Adaptive, model);
+/// Adaptive within 1.10 × the better of fine and coarse on `text`, under both cost settings.
+fn check_bar(name: &str, text: &str, mem: u64) {
+    for model in [CostModel::default(), NESTED] {
+        let best = cost(text, mem, Policy::Fine, model).min(cost(text, mem, Policy::Coarse, model));
+        let adaptive = cost(text, mem, Policy::Adaptive, model);
         assert!(
             adaptive <= 1.10 * best,
             "{name} under {model:?}: adaptive {adaptive:.0} µs > 1.10 × {best:.0} µs"
         );
     }
+}
+
+fn check(name: &str, densities: &[u64]) {
+    check_bar(name, &trace(densities), BLOCKS * BLOCK);
 }
 
 #[test]
@@ -114,31 +118,12 @@ fn uniformly_dense(blocks: u64, epochs: u64) -> (String, u64) {
     (s, blocks * BLOCK)
 }
 
-fn cost_in(text: &str, mem: u64, policy: Policy, model: CostModel) -> f64 {
-    let mut cfg = ReplayConfig::new(policy);
-    cfg.tracking.cost = model;
-    replay(text.as_bytes(), &cfg, mem).unwrap().modelled_cost_us
-}
-
-const NESTED: CostModel = CostModel {
-    fault_us: 50.0,
-    protect_us: 120.0,
-    write_bytes_per_us: 5000.0,
-};
-
 #[test]
 fn test_should_stay_within_the_bar_on_a_short_run_whose_new_blocks_are_all_dense() {
     // Four epochs: too few to amortise one escalation per block (8 faults at 50 µs cost 85 % of a
     // coarse block-epoch), so the policy must learn from the blocks first touched before.
     let (t, mem) = growing_heap(4, 8);
-    for model in [CostModel::default(), NESTED] {
-        let best = cost_in(&t, mem, Policy::Fine, model).min(cost_in(&t, mem, Policy::Coarse, model));
-        let adaptive = cost_in(&t, mem, Policy::Adaptive, model);
-        assert!(
-            adaptive <= 1.10 * best,
-            "growing heap under {model:?}: adaptive {adaptive:.0} µs > 1.10 × {best:.0} µs"
-        );
-    }
+    check_bar("growing heap", &t, mem);
 }
 
 #[test]
@@ -149,8 +134,8 @@ fn test_should_pay_little_beyond_learning_on_a_uniformly_dense_guest() {
     let blocks = 64;
     let (t, mem) = uniformly_dense(blocks, 20);
     for model in [CostModel::default(), NESTED] {
-        let coarse = cost_in(&t, mem, Policy::Coarse, model);
-        let adaptive = cost_in(&t, mem, Policy::Adaptive, model);
+        let coarse = cost(&t, mem, Policy::Coarse, model);
+        let adaptive = cost(&t, mem, Policy::Adaptive, model);
         let k = f64::from(model.escalate_at(&squib_arch::PageGeometry::APPLE_SILICON));
         #[allow(clippy::cast_precision_loss)]
         let learning = blocks as f64 * (k - 1.0) * model.fault_us;

@@ -156,12 +156,17 @@ fn test_should_escalate_a_densely_written_block_to_coarse_within_the_epoch() {
     assert_eq!((c.step_ups, c.step_downs), (1, 1));
 }
 
-/// Expensive faults, a fast disk: the adaptive policy escalates after a handful of faults.
-fn nested_costs() -> TrackingConfig {
+/// An adaptive tracker over 16 blocks, started, with expensive faults and a fast disk (so it
+/// escalates after a handful of faults).
+fn nested_adaptive_tracker() -> (Arc<Recorder>, DirtyTracker<Arc<Recorder>>, GpaRange) {
+    let r = ram(0x8000_0000, 32 << 20);
+    let rec = Arc::new(Recorder::new(PageGeometry::APPLE_SILICON, &[r]));
     let mut c = TrackingConfig::new(Policy::Adaptive);
     c.cost.fault_us = 50.0;
     c.cost.write_bytes_per_us = 5000.0;
-    c
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], c).unwrap();
+    t.start().unwrap();
+    (rec, t, r)
 }
 
 /// Write every hot unit of block `b` once; the faults it took.
@@ -181,10 +186,7 @@ fn test_should_send_never_written_blocks_coarse_at_once_when_first_touched_block
     // is dense when first written, the next ones are granted whole at their first fault (one
     // fault each) instead of paying the escalation faults again; one in eight is still measured.
     let g = PageGeometry::APPLE_SILICON;
-    let r = ram(0x8000_0000, 32 << 20);
-    let rec = Arc::new(Recorder::new(g, &[r]));
-    let t = DirtyTracker::new(Arc::clone(&rec), &[r], nested_costs()).unwrap();
-    t.start().unwrap();
+    let (rec, t, r) = nested_adaptive_tracker();
     let k = u64::from(t.escalate_at());
     let faults: Vec<u64> = (0..16)
         .map(|b| write_block_densely(&rec, &t, r.start(), b))
@@ -214,10 +216,7 @@ fn test_should_keep_never_written_blocks_fine_when_first_touched_blocks_proved_s
     // Most programs: the blocks written so far held a few pages each, so a new block's first
     // fault grants one unit, even after one dense block.
     let g = PageGeometry::APPLE_SILICON;
-    let r = ram(0x8000_0000, 32 << 20);
-    let rec = Arc::new(Recorder::new(g, &[r]));
-    let t = DirtyTracker::new(Arc::clone(&rec), &[r], nested_costs()).unwrap();
-    t.start().unwrap();
+    let (rec, t, r) = nested_adaptive_tracker();
     for b in 0..4 {
         rec.guest_write(&t, r.start() + b * g.tracking_default, 8, 0)
             .unwrap();
