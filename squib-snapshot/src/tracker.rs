@@ -597,6 +597,7 @@ impl<B: Stage2Backend> DirtyTracker<B> {
         }
         st.ranges.clear();
         st.probes.new_checkpoint();
+        self.age_fresh_counts();
         let mut protect_calls = 0;
         let mut failure = None;
         for (ri, r) in self.regions.iter().enumerate() {
@@ -607,9 +608,6 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             r.fine.drain(|u| st.fine_units.push(u));
             let dirty = !st.coarse_blocks.is_empty() || !st.fine_units.is_empty();
             self.decide_modes(st, ri);
-            if ri + 1 == self.regions.len() {
-                self.age_fresh_counts();
-            }
             if !dirty {
                 continue;
             }
@@ -762,17 +760,15 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 units,
             };
             let next = adaptive_next(&mut st.history[ri][b], obs, self.hold, &mut st.probes);
-            let max_units = u32::try_from(self.geometry.hot_per_block()).unwrap_or(u32::MAX);
-            // A block still never written stays fresh; a written one is judged by its history.
-            let fresh = if obs.dirty {
-                0
-            } else {
-                r.escalate_at[b].load(Ordering::Relaxed) & FRESH
-            };
-            let at = st.history[ri][b]
-                .escalate_at(self.escalate_at, max_units)
-                .min(THRESHOLD);
-            r.escalate_at[b].store(at | fresh, Ordering::Relaxed);
+            if obs.dirty || obs.escalated {
+                // Only an epoch with writes changes a block's escalation point, and it ends the
+                // block's first epoch: from now on its history judges it, without the flags. A
+                // clean block's word is left alone, flags and all (a first fault racing this
+                // checkpoint belongs to the next epoch and keeps its flags).
+                let max_units = u32::try_from(self.geometry.hot_per_block()).unwrap_or(u32::MAX);
+                let at = st.history[ri][b].escalate_at(self.escalate_at, max_units);
+                r.escalate_at[b].store(at.min(THRESHOLD), Ordering::Relaxed);
+            }
             if next != now {
                 r.modes[b].store(next as u8, Ordering::Release);
                 match next {
