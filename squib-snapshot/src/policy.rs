@@ -229,6 +229,12 @@ pub(crate) struct HoldLimits {
     pub unit_cost: f64,
     /// Extra cost of a probe of a block that is still dense, µs.
     pub probe_cost: f64,
+    /// A block held after its first escalation is probed at its next dirty epoch, whatever the
+    /// ramp says: set where one held epoch of a typical sparse block (half the break-even count
+    /// of units) wastes more than a probe of a dense one costs. One escalation says little about
+    /// the next epoch (a heap block being filled is dense once, then sparse), so this bets on
+    /// neither.
+    pub recheck_first: bool,
 }
 
 impl HoldLimits {
@@ -253,6 +259,7 @@ impl HoldLimits {
             block_cost,
             unit_cost,
             probe_cost: probe,
+            recheck_first: block_cost - k / 2.0 * unit_cost > probe,
         }
     }
 
@@ -264,6 +271,9 @@ impl HoldLimits {
 
     /// The floor of the spacing for a block with `held` confirmed dense epochs.
     fn floor(&self, held: u32) -> u16 {
+        if held <= 1 && self.recheck_first {
+            return 1;
+        }
         if self.ramp <= 0.0 {
             return self.min;
         }
@@ -288,6 +298,7 @@ impl HoldLimits {
             block_cost: f64::INFINITY,
             unit_cost: 0.0,
             probe_cost: 0.0,
+            recheck_first: false,
         }
     }
 }
@@ -560,6 +571,24 @@ fn rearm(h: &mut BlockHistory, limits: HoldLimits, confirmed: bool) {
     h.until_probe = h.probe_interval;
 }
 
+/// A held block's probe is due: probe it, let its cohort's outcome answer for it, or wait.
+fn probe_if_due(h: &mut BlockHistory, limits: HoldLimits, ev: &mut ProbeEvidence) -> BlockMode {
+    match ev.gate(h.probe_interval, h.skips) {
+        ProbeGate::Probe => {
+            h.skips = 0;
+            h.probing = true;
+            BlockMode::Fine
+        }
+        ProbeGate::Skip => {
+            // The blocks probed alongside it proved dense: count it as confirmed too.
+            h.skips += 1;
+            rearm(h, limits, true);
+            BlockMode::Coarse
+        }
+        ProbeGate::Defer => BlockMode::Coarse,
+    }
+}
+
 /// The adaptive policy's decision for a block's next epoch.
 ///
 /// Holding a block coarse is a bet that it stays dense: a coarse epoch of a block that turned
@@ -612,6 +641,10 @@ pub(crate) fn adaptive_next(
         // Dense enough that the whole block was cheaper. A probe that escalates again doubles the
         // spacing of the next probe; a first escalation probes again soon.
         rearm(h, limits, was_probe);
+        if h.held <= 1 && limits.recheck_first {
+            // One escalation says little about the next epoch: re-measure at once, in a wave.
+            return probe_if_due(h, limits, ev);
+        }
         return BlockMode::Coarse;
     }
     match obs.start {
@@ -622,20 +655,7 @@ pub(crate) fn adaptive_next(
                 h.until_probe -= 1;
                 return BlockMode::Coarse;
             }
-            match ev.gate(h.probe_interval, h.skips) {
-                ProbeGate::Probe => {
-                    h.skips = 0;
-                    h.probing = true;
-                    BlockMode::Fine
-                }
-                ProbeGate::Skip => {
-                    // The blocks probed alongside it proved dense: count it as confirmed too.
-                    h.skips += 1;
-                    rearm(h, limits, true);
-                    BlockMode::Coarse
-                }
-                ProbeGate::Defer => BlockMode::Coarse,
-            }
+            probe_if_due(h, limits, ev)
         }
         BlockMode::Coarse => {
             // Idle costs nothing in either mode; what matters is the wake-up. A block that proved
@@ -992,6 +1012,7 @@ mod tests {
             block_cost: 100.0,
             unit_cost: 10.0,
             probe_cost: 50.0,
+            recheck_first: false,
         };
         let sparse = |units| EpochObservation {
             start: BlockMode::Fine,
@@ -1015,6 +1036,29 @@ mod tests {
         let mut capped = flip;
         capped.flips = FLIP_MAX;
         assert_eq!(capped.escalate_at(115, 128), 128);
+    }
+
+    #[test]
+    fn test_should_re_measure_a_block_at_once_after_its_first_escalation_where_a_wrong_hold_is_dear() {
+        // x86-64 at default costs: escalation takes 345 of 512 pages, a probe of a dense block
+        // costs a third of a coarse block-epoch, and holding a block that turned sparse wastes
+        // most of one. One escalation says little: the block goes back to fine at once.
+        let x86 = HoldLimits::new(&CostModel::default(), &PageGeometry::X86_64, 64);
+        assert!(x86.recheck_first);
+        let mut h = BlockHistory::default();
+        assert_eq!(next(&mut h, ESC, x86), BlockMode::Fine);
+        // Dense again: now it is held.
+        assert_eq!(next(&mut h, ESC, x86), BlockMode::Coarse);
+        // With nested costs on Apple Silicon a probe costs about what a wrong hold wastes, and a
+        // block that escalated is held.
+        let nested = CostModel {
+            fault_us: 50.0,
+            protect_us: 120.0,
+            write_bytes_per_us: 5000.0,
+        };
+        let apple = HoldLimits::new(&nested, &PageGeometry::APPLE_SILICON, 64);
+        assert!(!apple.recheck_first);
+        assert_eq!(next(&mut BlockHistory::default(), ESC, apple), BlockMode::Coarse);
     }
 
     #[test]
