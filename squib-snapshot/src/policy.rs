@@ -700,6 +700,13 @@ pub(crate) fn adaptive_next(
 mod tests {
     use super::*;
 
+    /// Expensive faults, a fast disk: a userfaultfd fault on a nested host, a page-cache writer.
+    const NESTED: CostModel = CostModel {
+        fault_us: 50.0,
+        protect_us: 120.0,
+        write_bytes_per_us: 5000.0,
+    };
+
     /// One block's decision, with no other block's probes to learn from.
     fn next(h: &mut BlockHistory, obs: EpochObservation, limits: HoldLimits) -> BlockMode {
         adaptive_next(h, obs, limits, &mut ProbeEvidence::default())
@@ -741,12 +748,7 @@ mod tests {
         // Defaults: unit = 4 + 16384/500 = 36.77 µs, block = 4 + 2 MiB/500 = 4198.3 µs.
         assert_eq!(CostModel::default().escalate_at(&g), 115);
         // Expensive faults, fast disk: a handful of pages already pay for the block.
-        let nested = CostModel {
-            fault_us: 50.0,
-            protect_us: 120.0,
-            write_bytes_per_us: 5000.0,
-        };
-        assert_eq!(nested.escalate_at(&g), 9);
+        assert_eq!(NESTED.escalate_at(&g), 9);
         // Free faults: never cheaper to take the block before every page faulted.
         let free = CostModel {
             fault_us: 0.0,
@@ -759,14 +761,7 @@ mod tests {
     #[test]
     fn test_should_send_fresh_blocks_coarse_only_on_evidence_worth_its_risk() {
         let g = PageGeometry::APPLE_SILICON;
-        let nested = FreshPrior::new(
-            &CostModel {
-                fault_us: 50.0,
-                protect_us: 120.0,
-                write_bytes_per_us: 5000.0,
-            },
-            &g,
-        );
+        let nested = FreshPrior::new(&NESTED, &g);
         // Saving 8 faults (400 µs) against losing at most 416 µs of bytes: about even odds.
         assert!(!nested.escalates_at_once(0, 0), "no evidence");
         assert!(!nested.escalates_at_once(1, 0));
@@ -1051,12 +1046,7 @@ mod tests {
         assert_eq!(next(&mut h, ESC, x86), BlockMode::Coarse);
         // With nested costs on Apple Silicon a probe costs about what a wrong hold wastes, and a
         // block that escalated is held.
-        let nested = CostModel {
-            fault_us: 50.0,
-            protect_us: 120.0,
-            write_bytes_per_us: 5000.0,
-        };
-        let apple = HoldLimits::new(&nested, &PageGeometry::APPLE_SILICON, 64);
+        let apple = HoldLimits::new(&NESTED, &PageGeometry::APPLE_SILICON, 64);
         assert!(!apple.recheck_first);
         assert_eq!(next(&mut BlockHistory::default(), ESC, apple), BlockMode::Coarse);
     }
@@ -1065,12 +1055,7 @@ mod tests {
     fn test_should_space_probes_by_what_they_cost() {
         let g = PageGeometry::APPLE_SILICON;
         assert_eq!(CostModel::default().min_probe_interval(&g), 3);
-        let nested = CostModel {
-            fault_us: 50.0,
-            protect_us: 120.0,
-            write_bytes_per_us: 5000.0,
-        };
-        assert_eq!(nested.min_probe_interval(&g), 18);
+        assert_eq!(NESTED.min_probe_interval(&g), 18);
     }
 
     #[test]
