@@ -229,11 +229,11 @@ pub(crate) struct HoldLimits {
     pub unit_cost: f64,
     /// Extra cost of a probe of a block that is still dense, µs.
     pub probe_cost: f64,
-    /// A block held after its first escalation is probed at its next dirty epoch, whatever the
-    /// ramp says: set where one held epoch of a typical sparse block (half the break-even count
-    /// of units) wastes more than a probe of a dense one costs. One escalation says little about
-    /// the next epoch (a heap block being filled is dense once, then sparse), so this bets on
-    /// neither.
+    /// A block's first escalation is followed at once by a probe (through the waves; one a full
+    /// wave defers is probed at its next dirty epoch, whatever the ramp says): set where one held
+    /// epoch of a typical sparse block (half the break-even count of units) wastes more than a
+    /// probe of a dense one costs. One escalation says little about the next epoch (a heap block
+    /// being filled is dense once, then sparse), so this bets on neither.
     pub recheck_first: bool,
 }
 
