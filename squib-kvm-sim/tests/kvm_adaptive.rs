@@ -42,7 +42,16 @@ fn test_should_step_a_filled_block_up_to_coarse_under_uffd_wp() {
         })
         .unwrap();
     assert_eq!(diff, vec![block], "the diff is the filled block, nothing else");
-    // The next epoch starts coarse for that block: one fault grants it all.
+    // One fill says little about the next epoch, and at these costs a wrong hold wastes far more
+    // than a probe: the block is re-measured at once. Filled again, it escalates again and is
+    // then held: the next epoch starts coarse for it, one fault grants it all.
+    assert_eq!(m.tracker.block_mode(block.start()), Some(BlockMode::Fine));
+    m.vm.poke(0, block.start(), block.len(), 0x7a).unwrap();
+    assert_eq!(m.tracker.block_mode(block.start()), Some(BlockMode::Coarse));
+    m.tracker
+        .checkpoint(Some(m.vm.ram()), |_| -> Result<(), std::io::Error> { Ok(()) })
+        .unwrap();
+    assert_eq!(m.tracker.block_mode(block.start()), Some(BlockMode::Coarse));
     let before = m.tracker.counters().faults;
     m.vm.poke(0, block.start() + 4096 * 7, 8, 0x78).unwrap();
     m.vm.poke(0, block.end() - 8, 8, 0x79).unwrap();
