@@ -141,14 +141,13 @@ pub fn handle_exit<B: Stage2Backend>(
 mod tests {
     use std::sync::Arc;
 
-    use applevisor_sys::hv_vcpu_exit_exception_t;
     use squib_arch::GpaRange;
     use squib_snapshot::{Policy, TrackingConfig};
 
     use super::*;
     use crate::HvfBackend;
     use crate::hv::HvError;
-    use crate::stand_in::StandIn;
+    use crate::stand_in::{StandIn, exception_exit};
 
     const RAM: u64 = 0x4000_0000;
 
@@ -161,17 +160,6 @@ mod tests {
         (t, hv)
     }
 
-    fn exception(syndrome: u64, ipa: u64) -> hv_vcpu_exit_t {
-        hv_vcpu_exit_t {
-            reason: hv_exit_reason_t::EXCEPTION,
-            exception: hv_vcpu_exit_exception_t {
-                syndrome,
-                virtual_address: ipa,
-                physical_address: ipa,
-            },
-        }
-    }
-
     #[test]
     fn test_should_mark_and_regrant_on_a_stage2_write_permission_fault() {
         let (t, hv) = setup();
@@ -180,7 +168,7 @@ mod tests {
             (Esr::stage2_write_permission(3).0, RAM + 0x10_0010), // stp, ISV=0
             (0x9200_008F, RAM + 0x20_0000),                       // stage-1 walk, S1PTW=1
         ] {
-            let action = handle_exit(&t, 2, &exception(esr, ipa)).unwrap();
+            let action = handle_exit(&t, 2, &exception_exit(esr, ipa)).unwrap();
             let unit = GpaRange::new(ipa & !0x3FFF, 0x4000).unwrap();
             assert!(
                 matches!(action, ExitAction::Retry(o) if o.unit == unit),
@@ -198,7 +186,7 @@ mod tests {
         let calls = hv.calls().len();
         // str to an IPA with no RAM behind it (a device register): translation fault, level 3.
         let mmio = 0x0900_0000;
-        let action = handle_exit(&t, 0, &exception(0x93C1_8047, mmio)).unwrap();
+        let action = handle_exit(&t, 0, &exception_exit(0x93C1_8047, mmio)).unwrap();
         assert_eq!(
             action,
             ExitAction::Vmm(VmmExit::DataAbort {
@@ -208,7 +196,7 @@ mod tests {
             })
         );
         // The same fault inside RAM is still not a tracking fault.
-        let action = handle_exit(&t, 0, &exception(0x93C1_8047, RAM + 0x8000)).unwrap();
+        let action = handle_exit(&t, 0, &exception_exit(0x93C1_8047, RAM + 0x8000)).unwrap();
         assert!(matches!(action, ExitAction::Vmm(VmmExit::DataAbort { .. })));
         assert!(!t.is_marked(RAM + 0x8000));
         assert_eq!(t.counters().faults, 0);
@@ -223,7 +211,7 @@ mod tests {
     fn test_should_not_treat_a_read_permission_fault_as_tracking() {
         let (t, hv) = setup();
         // ldr x1, [x0] from a page without READ: permission fault, WnR=0.
-        let action = handle_exit(&t, 0, &exception(0x93C1_000F, RAM + 0x4000)).unwrap();
+        let action = handle_exit(&t, 0, &exception_exit(0x93C1_000F, RAM + 0x4000)).unwrap();
         assert!(
             matches!(action, ExitAction::Vmm(VmmExit::DataAbort { .. })),
             "{action:?}"
@@ -240,7 +228,7 @@ mod tests {
     fn test_should_forward_a_write_permission_fault_outside_tracked_ram() {
         let (t, _) = setup();
         let rom = 0x1000_0000;
-        let action = handle_exit(&t, 0, &exception(0x93C1_804F, rom)).unwrap();
+        let action = handle_exit(&t, 0, &exception_exit(0x93C1_804F, rom)).unwrap();
         assert!(matches!(action, ExitAction::Vmm(VmmExit::DataAbort { ipa, .. }) if ipa == rom));
         assert_eq!(t.counters().faults, 0);
     }
@@ -250,13 +238,13 @@ mod tests {
         let (t, _) = setup();
         for esr in [0x5A00_0000, 0x8200_000F, 0x0400_0000] {
             // hvc #0; an instruction abort; wfi.
-            let action = handle_exit(&t, 0, &exception(esr, 0)).unwrap();
+            let action = handle_exit(&t, 0, &exception_exit(esr, 0)).unwrap();
             assert!(
                 matches!(action, ExitAction::Vmm(VmmExit::Exception { esr: e, .. }) if e.0 == esr),
                 "{esr:#x}: {action:?}"
             );
         }
-        let mut exit = exception(0, 0);
+        let mut exit = exception_exit(0, 0);
         exit.reason = hv_exit_reason_t::CANCELED;
         assert_eq!(
             handle_exit(&t, 0, &exit).unwrap(),
@@ -278,7 +266,7 @@ mod tests {
     fn test_should_fail_when_the_regrant_fails() {
         let (t, hv) = setup();
         hv.fail_next(HvError::status("hv_vm_protect", 0xfae9_4001_u32.cast_signed()));
-        let e = handle_exit(&t, 1, &exception(0x93C1_804F, RAM + 0x4000)).unwrap_err();
+        let e = handle_exit(&t, 1, &exception_exit(0x93C1_804F, RAM + 0x4000)).unwrap_err();
         assert!(matches!(e, ExitError::Track { vcpu: 1, .. }), "{e}");
         assert!(e.to_string().contains("0x40004000"), "{e}");
     }

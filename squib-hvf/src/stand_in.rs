@@ -314,6 +314,19 @@ pub enum SimOp {
     Hvc,
 }
 
+/// An exception exit as the framework reports it, for the guest's MMU-off world (virtual and
+/// physical address are both the IPA).
+pub(crate) fn exception_exit(syndrome: u64, ipa: u64) -> hv_vcpu_exit_t {
+    hv_vcpu_exit_t {
+        reason: hv_exit_reason_t::EXCEPTION,
+        exception: hv_vcpu_exit_exception_t {
+            syndrome,
+            virtual_address: ipa,
+            physical_address: ipa,
+        },
+    }
+}
+
 /// A vCPU that executes [`SimOp`]s against a [`StandIn`], fetching each from the code page at
 /// `code` (so a code page without EXEC stops it), and exits exactly where hardware would: on a
 /// stage-2 fault with the PC still at the faulting instruction, or after an `hvc`.
@@ -350,18 +363,6 @@ impl<'a> SimVcpu<'a> {
     pub fn entry_pcs(&self) -> &[u64] {
         &self.entries
     }
-
-    fn exception(syndrome: u64, ipa: u64) -> hv_vcpu_exit_t {
-        hv_vcpu_exit_t {
-            reason: hv_exit_reason_t::EXCEPTION,
-            exception: hv_vcpu_exit_exception_t {
-                syndrome,
-                // The guest runs with its MMU off: virtual and physical addresses are the same.
-                virtual_address: ipa,
-                physical_address: ipa,
-            },
-        }
-    }
 }
 
 impl crate::vcpu::VcpuOps for SimVcpu<'_> {
@@ -372,9 +373,9 @@ impl crate::vcpu::VcpuOps for SimVcpu<'_> {
             match self.hv.access(pc, 4, HV_MEMORY_EXEC, None) {
                 Ok(()) => {}
                 Err(AccessFault::Permission(_)) => {
-                    return Ok(Self::exception(syndrome::FETCH_PERMISSION, pc));
+                    return Ok(exception_exit(syndrome::FETCH_PERMISSION, pc));
                 }
-                Err(AccessFault::Unmapped(_)) => return Ok(Self::exception(syndrome::FETCH_UNMAPPED, pc)),
+                Err(AccessFault::Unmapped(_)) => return Ok(exception_exit(syndrome::FETCH_UNMAPPED, pc)),
             }
             let Some(op) = self.ops.get(self.next) else {
                 // Ran off the end of the program: stop as a host-requested exit would.
@@ -411,13 +412,13 @@ impl crate::vcpu::VcpuOps for SimVcpu<'_> {
                 SimOp::Hvc => {
                     // HVC's preferred return address is the next instruction.
                     self.next += 1;
-                    return Ok(Self::exception(syndrome::HVC0, 0));
+                    return Ok(exception_exit(syndrome::HVC0, 0));
                 }
             };
             match result {
                 Ok(()) => self.next += 1,
-                Err(AccessFault::Permission(ipa)) => return Ok(Self::exception(on_perm, ipa)),
-                Err(AccessFault::Unmapped(ipa)) => return Ok(Self::exception(on_unmapped, ipa)),
+                Err(AccessFault::Permission(ipa)) => return Ok(exception_exit(on_perm, ipa)),
+                Err(AccessFault::Unmapped(ipa)) => return Ok(exception_exit(on_unmapped, ipa)),
             }
         }
     }
