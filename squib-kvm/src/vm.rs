@@ -30,6 +30,7 @@ use super::guest::{
     workload_program,
 };
 use super::layout::{LayoutError, MemoryLayout, REGION_ALIGN};
+use super::threads::VcpuThreads;
 use super::uffd::UffdWpBackend;
 
 /// Offsets in the system area.
@@ -124,6 +125,9 @@ pub enum KvmError {
     /// A vCPU thread panicked or could not start.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// The uffd-wp handler met a fault the tracker refused, and the VM was stopped.
+    #[error(transparent)]
+    UntrackedFault(Arc<crate::runner::UntrackedFault>),
 }
 
 fn ioctl(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -223,6 +227,7 @@ pub struct KvmVm {
     sys: Arc<GuestMemoryMmap<()>>,
     vcpus: Vec<VcpuFd>,
     sregs: kvm_sregs,
+    threads: Arc<VcpuThreads>,
     _kvm: Kvm,
 }
 
@@ -365,6 +370,7 @@ impl KvmVm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let threads = Arc::new(VcpuThreads::new(usize::try_from(cfg.vcpus).unwrap_or(0)));
         let mut vcpus = Vec::new();
         let mut sregs = kvm_sregs::default();
         for i in 0..cfg.vcpus {
@@ -388,7 +394,11 @@ impl KvmVm {
                 Arc::clone(&ram),
             ))
         } else {
-            KvmBackend::UffdWp(UffdWpBackend::new(Arc::clone(&ram), &layout)?)
+            KvmBackend::UffdWp(UffdWpBackend::new(
+                Arc::clone(&ram),
+                &layout,
+                Arc::clone(&threads),
+            )?)
         };
         Ok((
             Self {
@@ -398,6 +408,7 @@ impl KvmVm {
                 sys,
                 vcpus,
                 sregs,
+                threads,
                 _kvm: kvm,
             },
             backend,
@@ -460,6 +471,7 @@ impl KvmVm {
         };
         v.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
         let id = u32::try_from(vcpu).unwrap_or(u32::MAX);
+        let _running = self.threads.enter(vcpu);
         loop {
             match v.run() {
                 Ok(VcpuExit::IoOut(PORT_DONE, _)) => return Ok(()),
@@ -546,10 +558,14 @@ impl KvmVm {
         let mut threads = Vec::new();
         for (i, v) in self.vcpus.drain(..).enumerate() {
             let c = Arc::clone(&control);
+            let registry = Arc::clone(&self.threads);
             let id = u32::try_from(i).unwrap_or(u32::MAX);
             let t = std::thread::Builder::new()
                 .name(format!("squib-vcpu{i}"))
-                .spawn(move || vcpu_loop(v, id, &c))
+                .spawn(move || {
+                    let _running = registry.enter(i);
+                    vcpu_loop(v, id, &c)
+                })
                 .map_err(|e| KvmError::Thread(e.to_string()))?;
             threads.push(t);
         }
