@@ -15,6 +15,7 @@ pub mod bitmap;
 #[cfg(any(test, feature = "test-kit"))]
 pub mod conformance;
 pub mod policy;
+pub mod report;
 pub mod sink;
 pub mod tracker;
 

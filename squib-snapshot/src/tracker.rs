@@ -78,10 +78,10 @@ pub enum TrackError {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError<E: std::error::Error + 'static> {
     /// The backend failed to harvest or re-protect.
-    #[error("checkpoint failed in the backend: {0}")]
+    #[error("checkpoint failed in the backend")]
     Backend(#[from] BackendError),
     /// The writer failed; the units it was given will be in the next checkpoint.
-    #[error("checkpoint writer failed: {0}")]
+    #[error("checkpoint writer failed")]
     Writer(#[source] E),
 }
 

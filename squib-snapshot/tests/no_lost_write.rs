@@ -400,7 +400,8 @@ fn test_should_keep_drained_units_for_the_next_diff_when_the_writer_fails() {
             })
             .unwrap_err();
         assert!(matches!(err, CheckpointError::Writer(_)), "{err}");
-        assert!(err.to_string().contains("No space left"), "{err}");
+        let chain = squib_snapshot::report::error_chain(&err);
+        assert!(chain.contains("No space left"), "{chain}");
         let mut second = Vec::new();
         tracker
             .checkpoint(None, |r| -> Result<(), std::io::Error> {

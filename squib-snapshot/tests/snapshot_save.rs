@@ -27,7 +27,7 @@ fn test_should_leave_nothing_behind_when_a_full_save_runs_out_of_space_at_any_po
             .with_io(Box::new(FailingIo::new(budget, libc::ENOSPC)));
         let before = listing(dir.path());
         let err = chain.save(&mem, &[], &meta).unwrap_err();
-        let msg = err.to_string();
+        let msg = squib_snapshot::report::error_chain(&err);
         assert!(
             matches!(&err, SnapshotError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
             "budget {budget}: {msg}"
@@ -194,10 +194,8 @@ fn test_should_fail_cleanly_and_succeed_exactly_on_the_two_thread_path() {
             .with_io(Box::new(FailingIo::new(budget, libc::ENOSPC)));
         let before = listing(dir.path());
         let err = chain.save(&mem, &[], &meta()).unwrap_err();
-        assert!(
-            err.to_string().contains("No space left"),
-            "budget {budget}: {err}"
-        );
+        let msg = squib_snapshot::report::error_chain(&err);
+        assert!(msg.contains("No space left"), "budget {budget}: {msg}");
         assert_eq!(listing(dir.path()), before, "budget {budget}");
     }
     let dir = tempfile::tempdir().unwrap();

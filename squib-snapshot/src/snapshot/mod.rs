@@ -47,7 +47,7 @@ pub const MAX_CHAIN_LEN: usize = 100_000;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// An I/O call failed.
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed")]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -57,7 +57,7 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     /// A state file's bytes were refused.
-    #[error("{path}: {source}")]
+    #[error("{path}: invalid state file")]
     Format {
         /// The state file.
         path: PathBuf,
