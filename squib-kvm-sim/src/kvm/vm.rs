@@ -73,10 +73,10 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     /// `/dev/kvm` could not be opened.
-    #[error("opening /dev/kvm: {0}")]
+    #[error("opening /dev/kvm")]
     Open(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Ioctl {
         /// What was being done.
         op: String,

@@ -41,7 +41,7 @@ const READ_BUFFER: usize = 1 << 18;
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// The trace file cannot be opened.
-    #[error("cannot open trace {path}: {source}")]
+    #[error("cannot open trace {path}")]
     Open {
         /// The file.
         path: PathBuf,
@@ -50,7 +50,7 @@ pub enum TraceError {
         source: std::io::Error,
     },
     /// Reading the trace failed (I/O, or a corrupt gzip stream).
-    #[error("reading trace line {line}: {source}")]
+    #[error("reading trace line {line}")]
     Read {
         /// The line being read.
         line: u64,
@@ -106,6 +106,9 @@ pub enum TraceError {
     /// The tracker failed.
     #[error(transparent)]
     Track(#[from] TrackError),
+    /// A checkpoint failed in the backend.
+    #[error("checkpoint failed")]
+    Checkpoint(#[source] squib_snapshot::CheckpointError<std::convert::Infallible>),
     /// The simulated vCPU's fault could not be handled.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),

@@ -160,7 +160,7 @@ impl Engine {
         }
         self.tracker
             .checkpoint(None, |_| Ok::<(), std::convert::Infallible>(()))
-            .map_err(|e| TraceError::Config(format!("checkpoint failed: {e}")))?;
+            .map_err(TraceError::Checkpoint)?;
         Ok(())
     }
 
