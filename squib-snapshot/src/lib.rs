@@ -16,6 +16,8 @@ pub mod bitmap;
 pub mod conformance;
 pub mod policy;
 pub mod report;
+#[cfg(any(test, feature = "test-kit"))]
+pub mod shadow;
 pub mod sink;
 pub mod tracker;
 

@@ -35,7 +35,10 @@ fn test_should_print_each_cause_once_for_a_corrupt_state_file_and_a_missing_trac
     std::fs::write(snap.join("state"), [0u8; 64]).unwrap();
     std::fs::write(snap.join("memory"), []).unwrap();
     let err = stderr_of_failing(&["snapshot", "verify", snap.to_str().unwrap()]);
-    assert!(err.starts_with(&format!("squib: error: {}/state: ", snap.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("squib: error: {}/state: ", snap.display())),
+        "{err}"
+    );
     assert_eq!(err.matches("magic").count(), 1, "{err}");
 
     let trace = tmp.path().join("no.trace");

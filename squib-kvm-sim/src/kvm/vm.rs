@@ -116,8 +116,14 @@ pub enum KvmError {
     #[error("{0}")]
     Config(String),
     /// A checkpoint failed (its units were folded back).
-    #[error("{0}")]
-    Checkpoint(String),
+    #[error("checkpoint {index} failed")]
+    Checkpoint {
+        /// Which checkpoint.
+        index: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// vCPUs did not reach a pause in time.
     #[error("vCPUs did not pause within {0:?} (a vCPU blocked on an unserved fault?)")]
     PauseTimeout(Duration),

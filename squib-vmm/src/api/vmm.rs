@@ -423,7 +423,13 @@ impl Vmm {
                 track_dirty_pages,
             },
         )
-        .map_err(|e| bad(format!("loading {}: {}", b.snapshot_path.display(), ErrorChain(&e))))?;
+        .map_err(|e| {
+            bad(format!(
+                "loading {}: {}",
+                b.snapshot_path.display(),
+                ErrorChain(&e)
+            ))
+        })?;
         self.config.vcpus = vcpus;
         self.config.mem_size = loaded.state.mem_size;
         self.config.track_dirty_pages = track_dirty_pages;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Subcommand;
-use serde_json::json;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
 use squib_snapshot::snapshot::load::geometry_name;
 use squib_snapshot::snapshot::restore::{bytes_to_read, dump_memory, restore_chain_with};
 use squib_snapshot::snapshot::{
