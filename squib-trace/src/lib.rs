@@ -69,6 +69,19 @@ pub enum TraceError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A lackey access reaches into the last 2 MiB block of the 64-bit address space: no process
+    /// maps memory there, and the block has no end address to pack it by.
+    #[error(
+        "trace line {line}: access of {size} bytes at {addr:#x} reaches the top 2 MiB of the address space, where no process maps memory"
+    )]
+    TopOfAddressSpace {
+        /// 1-based line number.
+        line: u64,
+        /// The access's address.
+        addr: u64,
+        /// Its size.
+        size: u64,
+    },
     /// A line's time is earlier than the line before.
     #[error("trace line {line}: time goes backwards ({t_ns} ns after {previous} ns)")]
     TimeBackwards {
