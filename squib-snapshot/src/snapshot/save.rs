@@ -11,7 +11,7 @@
 //! files and the directory itself are synced, and the parent directory is synced after the
 //! rename. Any failure before that removes the temp directory, so the destination is untouched.
 //! Where the file system lacks `RENAME_NOREPLACE` (NFS, older overlayfs), a plain `rename` takes
-//! its place; [`rename_into_place`] says why that still never replaces a snapshot.
+//! its place; `rename_into_place` says why that still never replaces a snapshot.
 //!
 //! Why leftovers are swept: a process killed mid-save leaves its temp directory behind. Its name
 //! says which host and process made it, so the next save into the same directory removes the
@@ -633,9 +633,9 @@ fn holds_only_snapshot_files(dir: &Path) -> bool {
     })
 }
 
-/// Remove what interrupted saves left in `dir`: directories named as [`temp_dir_for`] names them
-/// (`.<name>.squib-tmp-<pid>-<n>@<host>`), made on this host by a process that no longer exists,
-/// and holding nothing but `state` and `memory` files. Anything else is left alone: a user's file
+/// Remove what interrupted saves left in `dir`: directories named as a save names its temp
+/// directory (`.<name>.squib-tmp-<pid>-<n>@<host>`), made on this host by a process that no
+/// longer exists, and holding nothing but `state` and `memory` files. Anything else is left alone: a user's file
 /// or directory with a similar name, a temp directory of a save still running (in this process
 /// or another), one from another host sharing the directory (its process cannot be checked from
 /// here). Best effort: a leftover that cannot be removed is logged, not an error of the save.
