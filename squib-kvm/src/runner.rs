@@ -300,6 +300,10 @@ pub struct RunConfig {
     pub run_for: Duration,
     /// Live checkpoint interval.
     pub checkpoint_every: Duration,
+    /// End the run once this many live checkpoints have saved guest writes (checkpoints that
+    /// found nothing dirty do not count, nor does the closing one), if `run_for` has not ended it
+    /// first. Lets a caller wait for the guest's writes to be checkpointed rather than for time.
+    pub stop_after_checkpoints: Option<u64>,
 }
 
 /// One checkpoint of a run.
@@ -350,7 +354,10 @@ fn checkpoint<S: CheckpointSink>(
     let stats = m
         .tracker
         .checkpoint(Some(mem), |ranges| sink.write(index, ranges, mem))
-        .map_err(|e| KvmError::Checkpoint(format!("checkpoint {index}: {e}")))?;
+        .map_err(|e| KvmError::Checkpoint {
+            index,
+            source: Box::new(e),
+        })?;
     Ok(CheckpointRecord {
         index,
         at_ms: (t - started).as_secs_f64() * 1e3,
@@ -361,11 +368,17 @@ fn checkpoint<S: CheckpointSink>(
     })
 }
 
-/// Run `cfg.workload` on a fresh KVM VM for `cfg.run_for`, with live checkpoints every
-/// `cfg.checkpoint_every` handed to `sink`, and a last one with the vCPUs paused.
+/// Run `cfg.workload` on a fresh KVM VM for `cfg.run_for` (or until `cfg.stop_after_checkpoints`
+/// live checkpoints saved writes), with live checkpoints every `cfg.checkpoint_every` handed to `sink`, and a
+/// closing one with the vCPUs paused, after which the sink's `finish` runs (still paused).
+///
+/// A failed live checkpoint ends the run early, but the vCPUs are still paused and the closing
+/// checkpoint taken (it holds the failed one's units, folded back by the tracker) before the
+/// failure is reported.
 ///
 /// # Errors
-/// [`KvmError`] from building the VM, the workload, a checkpoint or a vCPU.
+/// [`KvmError`] from building the VM, the workload, a checkpoint or a vCPU (the first, when
+/// several failed).
 pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport, KvmError> {
     if cfg.checkpoint_every.is_zero() {
         return Err(KvmError::Config(
@@ -380,19 +393,41 @@ pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport
         let mut records = Vec::new();
         let end = started + cfg.run_for;
         let mut next = started + cfg.checkpoint_every;
-        while next < end && !workers.any_exited() {
+        let mut failed = None;
+        let enough = |records: &[CheckpointRecord]| {
+            let saved = records.iter().filter(|r| r.dirty_bytes > 0).count() as u64;
+            cfg.stop_after_checkpoints.is_some_and(|max| saved >= max)
+        };
+        while next < end && !workers.any_exited() && !enough(&records) {
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
             let index = u64::try_from(records.len()).unwrap_or(u64::MAX);
-            records.push(checkpoint(&m, index, started, false, sink)?);
+            match checkpoint(&m, index, started, false, sink) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
             next += cfg.checkpoint_every;
         }
-        if !workers.any_exited() {
+        if failed.is_none() && !workers.any_exited() && !enough(&records) {
             std::thread::sleep(end.saturating_duration_since(Instant::now()));
         }
         m.tracking_intact()?;
         workers.pause(Duration::from_secs(30))?;
+        // The closing checkpoint, also after a failed one (whose units were folded back).
         let index = u64::try_from(records.len()).unwrap_or(u64::MAX);
-        records.push(checkpoint(&m, index, started, true, sink)?);
+        let closing = checkpoint(&m, index, started, true, sink).and_then(|r| {
+            records.push(r);
+            sink.finish(m.vm.ram()).map_err(|e| KvmError::Checkpoint {
+                index,
+                source: Box::new(e),
+            })
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        closing?;
         Ok::<_, KvmError>(records)
     })();
     let elapsed = started.elapsed();

@@ -74,10 +74,10 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     /// `/dev/kvm` could not be opened.
-    #[error("opening /dev/kvm: {0}")]
+    #[error("opening /dev/kvm")]
     Open(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Ioctl {
         /// What was being done.
         op: String,
@@ -117,8 +117,14 @@ pub enum KvmError {
     #[error("{0}")]
     Config(String),
     /// A checkpoint failed (its units were folded back).
-    #[error("{0}")]
-    Checkpoint(String),
+    #[error("checkpoint {index} failed")]
+    Checkpoint {
+        /// Which checkpoint.
+        index: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// vCPUs did not reach a pause in time.
     #[error("vCPUs did not pause within {0:?} (a vCPU blocked on an unserved fault?)")]
     PauseTimeout(Duration),

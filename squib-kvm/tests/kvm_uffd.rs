@@ -7,7 +7,7 @@ mod kvm_support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_support::{kvm_or_skip, split_layout};
+use kvm_support::{DEADLINE, kvm_or_skip, serve_until, split_layout};
 use squib_arch::{GpaRange, PageGeometry};
 use squib_kvm::runner::{FaultServer, UffdSource, serve_faults};
 use squib_kvm::{KvmBackend, KvmVm, Tracking, VmConfig};
@@ -61,9 +61,14 @@ fn test_should_resume_a_uffd_wp_writer_only_after_its_unit_is_marked() {
             // The write is done: the checkpoint a paused VM would take now must hold it.
             tracker.is_marked(gpa)
         });
-        while !vcpu.is_finished() {
-            serve_faults(&tracker, uffd, Duration::from_millis(2)).unwrap();
-        }
+        let late = serve_until(
+            || vcpu.is_finished(),
+            || {
+                serve_faults(&tracker, uffd, Duration::from_millis(2)).unwrap();
+            },
+            "the guest's write",
+        );
+        assert!(!late, "the guest's write did not complete within {DEADLINE:?}");
         assert!(
             vcpu.join().unwrap(),
             "the guest's write completed before its unit was marked"

@@ -35,7 +35,7 @@ pub enum BackendError {
         reason: String,
     },
     /// An operating-system call failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Os {
         /// What was being done.
         op: &'static str,
