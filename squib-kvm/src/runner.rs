@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use squib_snapshot::report::ErrorChain;
 use squib_snapshot::{BackendError, DirtyTracker, GuestFault, Stage2Backend, TrackError, TrackingConfig};
 
 use super::guest::Workload;
@@ -162,7 +163,7 @@ impl FaultServer {
                         resolve_fault(&t, uffd, gpa, vcpu)
                     });
                     if let Err(e) = r {
-                        tracing::error!(error = %e, "uffd-wp tracking failed; the VM must stop");
+                        tracing::error!(error = %ErrorChain(&e), "uffd-wp tracking failed; the VM must stop");
                         *f.lock() = Some(Arc::new(e));
                         return;
                     }
