@@ -192,7 +192,7 @@ fn cases() -> Vec<Case> {
                     s.kind = SnapshotKind::Diff;
                     s.parent = Some(squib_snapshot::snapshot::ParentRef {
                         id: leaf.id,
-                        dir: name,
+                        state: format!("../{name}/state"),
                     });
                 });
                 m[2].join(STATE_FILE)
@@ -201,12 +201,65 @@ fn cases() -> Vec<Case> {
             lazy_sees_it: true,
         },
         Case {
-            name: "parent reference leaving the directory",
+            name: "parent path longer than the cap",
             mutate: |m| {
-                rewrite_state(&m[2], |s| s.parent.as_mut().unwrap().dir = "../../etc".into());
+                rewrite_state(&m[2], |s| s.parent.as_mut().unwrap().state = "a/".repeat(2049));
                 m[2].join(STATE_FILE)
             },
-            reason: "not a plain sibling directory name",
+            reason: "parent state file path",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory path holding a NUL",
+            mutate: |m| {
+                rewrite_state(&m[1], |s| s.memory = "mem\0ory".into());
+                m[1].join(STATE_FILE)
+            },
+            reason: "memory file path",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "parent path naming a file that is not a state file",
+            mutate: |m| {
+                rewrite_state(&m[2], |s| {
+                    s.parent.as_mut().unwrap().state = "../000000-full/memory".into();
+                });
+                m[0].join(MEMORY_FILE)
+            },
+            reason: "bad magic",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory path naming a missing file",
+            mutate: |m| {
+                rewrite_state(&m[2], |s| s.memory = "/nonexistent/squib/memory".into());
+                PathBuf::from("/nonexistent/squib/memory")
+            },
+            reason: "is missing",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory files of two snapshots swapped",
+            mutate: |m| {
+                let (a, b) = (m[1].join(MEMORY_FILE), m[2].join(MEMORY_FILE));
+                let tmp = m[1].join("swap");
+                std::fs::rename(&a, &tmp).unwrap();
+                std::fs::rename(&b, &a).unwrap();
+                std::fs::rename(&tmp, &b).unwrap();
+                b
+            },
+            reason: "memory file holds snapshot",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory file identity trailer damaged",
+            mutate: |m| {
+                let p = m[0].join(MEMORY_FILE);
+                let len = std::fs::metadata(&p).unwrap().len();
+                flip(&p, len - 4096 + 20, 0x04);
+                p
+            },
+            reason: "identity trailer",
             lazy_sees_it: true,
         },
         Case {

@@ -7,21 +7,28 @@
 //! field names; unknown fields are refused, so a typo is an error rather than
 //! a silently ignored setting.
 //!
-//! # Snapshot paths: Firecracker's two files, squib's one directory
+//! # Snapshot paths: Firecracker's two files anywhere
 //!
 //! squib writes one snapshot format everywhere (`specs/17-snapshot-files.md`):
-//! a directory holding `state` and `memory`, which appears atomically. The
-//! API keeps Firecracker's body fields and maps them onto it:
+//! a state file that records where its memory file and its parent's state
+//! file are, and a memory file carrying the snapshot's id. The API takes
+//! Firecracker's fields as Firecracker does:
 //!
-//! - `snapshot_path` names the snapshot directory, or the `state` file inside
-//!   it (`DIR/state` means `DIR`). On create, `DIR` must not exist.
-//! - `mem_file_path` (or `mem_backend.backend_path` with `backend_type`
-//!   `File`), when given, must be `DIR/memory`: squib keeps a snapshot's files
-//!   together so that a diff can name its parent and a chain can be moved.
+//! - `snapshot_path` is the state file and `mem_file_path` the memory file,
+//!   each any path (relative paths are taken from this process's working
+//!   directory). A file already at either path is replaced, atomically.
+//!   Without `mem_file_path`, or with `DIR/state` and `DIR/memory` for a `DIR`
+//!   that does not exist yet, the snapshot is squib's directory `DIR`, which
+//!   appears atomically.
 //! - A `Diff` is a diff of the last snapshot this process created or loaded,
-//!   and must be created in the same parent directory as that snapshot (it
-//!   names its parent by sibling directory name and id). Loading a diff loads
-//!   its chain: the base mapped copy-on-write, the diffs applied on top.
+//!   and records where that snapshot's state file is. Naming that snapshot's
+//!   memory file as `mem_file_path` merges the diff into it in place (it must
+//!   be a full snapshot): the result is a full snapshot at `snapshot_path`,
+//!   and the old state file no longer loads (refused by name).
+//! - Loading a diff loads its chain: the base mapped copy-on-write, the diffs
+//!   applied on top. `mem_file_path` (or `mem_backend.backend_path` with
+//!   `backend_type` `File`) names the leaf's memory file; without it the one
+//!   its state file records is used.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +36,9 @@ use serde::Deserialize;
 use squib_machine::snapshot::{self, Target};
 use squib_machine::{Console, Machine, MachineConfig, RestoreOptions};
 use squib_snapshot::report::{ErrorChain, error_chain};
-use squib_snapshot::snapshot::{MEMORY_FILE, ParentRef, RestoreMode, STATE_FILE, SnapshotId};
+use squib_snapshot::snapshot::{
+    LoadedSnapshot, MEMORY_FILE, ParentLink, Placement, RestoreMode, STATE_FILE, SnapshotId, SnapshotKind,
+};
 
 use super::http::{Request, Response};
 
@@ -115,7 +124,32 @@ pub struct Vmm {
     machine: Option<Machine>,
     console: ConsoleFactory,
     /// The newest snapshot of this guest (created or loaded): what a diff chains to.
-    last_snapshot: Option<(PathBuf, SnapshotId)>,
+    last_snapshot: Option<LastSnapshot>,
+}
+
+/// The snapshot a diff follows: where its files are (absolute), its id, whether it is full.
+#[derive(Debug, Clone)]
+struct LastSnapshot {
+    state: PathBuf,
+    memory: PathBuf,
+    id: SnapshotId,
+    full: bool,
+}
+
+impl LastSnapshot {
+    fn new(state: &Path, memory: &Path, id: SnapshotId, kind: SnapshotKind) -> Self {
+        Self {
+            state: absolute(state),
+            memory: absolute(memory),
+            id,
+            full: kind == SnapshotKind::Full,
+        }
+    }
+}
+
+/// `path` made absolute against this process's working directory (as given when that fails).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl std::fmt::Debug for Vmm {
@@ -351,47 +385,36 @@ impl Vmm {
         if !machine.is_paused() {
             return Err(bad("PUT /snapshot/create: the guest must be paused (PATCH /vm)"));
         }
-        let dir = snapshot_dir(&b.snapshot_path, b.mem_file_path.as_deref())?;
+        let placement = create_placement(&b.snapshot_path, b.mem_file_path.as_deref())?;
+        let base;
         let target = if diff {
-            let parent = self.diff_parent(&dir)?;
-            Target::Diff(&dir, parent)
+            let last = self.last_snapshot.as_ref().ok_or_else(|| {
+                bad("snapshot_type Diff: no earlier snapshot of this guest to chain to (create a Full first)")
+            })?;
+            match placement {
+                Placement::Files { state, memory } if memory.exists() => {
+                    base = merge_base(last, memory)?;
+                    Target::MergeInPlace(state, &base)
+                }
+                _ => Target::Diff(
+                    placement,
+                    ParentLink {
+                        id: last.id,
+                        state: last.state.clone(),
+                    },
+                ),
+            }
         } else {
-            Target::Full(&dir)
+            Target::Full(placement)
         };
         let saved = snapshot::save(machine, target).map_err(|e| bad(error_chain(&e)))?;
-        self.last_snapshot = Some((dir, saved.id));
+        self.last_snapshot = Some(LastSnapshot::new(
+            &saved.state_path,
+            &saved.memory_path,
+            saved.id,
+            saved.kind,
+        ));
         Ok(Response::no_content())
-    }
-
-    /// The parent reference of a diff at `dir`: the last snapshot, a sibling of `dir`.
-    fn diff_parent(&self, dir: &Path) -> Result<ParentRef, Response> {
-        let Some((last, id)) = &self.last_snapshot else {
-            return Err(bad(
-                "snapshot_type Diff: no earlier snapshot of this guest to chain to (create a Full first)",
-            ));
-        };
-        let parent_of = |p: &Path| {
-            p.parent().map(|d| {
-                std::fs::canonicalize(if d.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    d
-                })
-            })
-        };
-        let same = match (parent_of(dir), parent_of(last)) {
-            (Some(Ok(a)), Some(Ok(b))) => a == b,
-            _ => false,
-        };
-        let name = last.file_name().map(|n| n.to_string_lossy().into_owned());
-        match (same, name) {
-            (true, Some(name)) => Ok(ParentRef { id: *id, dir: name }),
-            _ => Err(bad(format!(
-                "snapshot_path {}: a Diff must be created beside its parent {} (same directory)",
-                dir.display(),
-                last.display()
-            ))),
-        }
     }
 
     fn snapshot_load(&mut self, req: &Request) -> Reply {
@@ -410,8 +433,11 @@ impl Vmm {
             (None, None) => None,
             (Some(_), Some(_)) => return Err(bad("give at most one of mem_file_path and mem_backend")),
         };
-        let dir = snapshot_dir(&b.snapshot_path, mem_path)?;
-        let loaded = snapshot::load(&dir, RestoreMode::Lazy).map_err(|e| bad(error_chain(&e)))?;
+        if b.snapshot_path.as_os_str().is_empty() {
+            return Err(bad("snapshot_path: empty"));
+        }
+        let loaded = snapshot::load_files(&b.snapshot_path, mem_path, RestoreMode::Lazy)
+            .map_err(|e| bad(error_chain(&e)))?;
         let console = (self.console)().map_err(|e| bad(format!("opening the console: {e}")))?;
         let vcpus = u8::try_from(loaded.state.vcpus.len()).unwrap_or(u8::MAX);
         let machine = Machine::restore(
@@ -433,32 +459,64 @@ impl Vmm {
         self.config.vcpus = vcpus;
         self.config.mem_size = loaded.state.mem_size;
         self.config.track_dirty_pages = track_dirty_pages;
-        self.last_snapshot = Some((loaded.dir, loaded.snapshot.id));
+        self.last_snapshot = Some(LastSnapshot::new(
+            &loaded.state_path,
+            &loaded.memory_path,
+            loaded.snapshot.id,
+            loaded.snapshot.kind,
+        ));
         self.machine = Some(machine);
         Ok(Response::no_content())
     }
 }
 
-/// The snapshot directory named by `snapshot_path` (the directory or its `state` file), after
-/// checking that `mem_path`, if given, is that directory's memory file.
-fn snapshot_dir(snapshot_path: &Path, mem_path: Option<&Path>) -> Result<PathBuf, Response> {
-    let dir = if snapshot_path.file_name().is_some_and(|n| n == STATE_FILE) {
-        snapshot_path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        snapshot_path.to_path_buf()
-    };
-    if dir.as_os_str().is_empty() {
+/// Where a create's files go. `snapshot_path` is the state file and `mem_file_path` the memory
+/// file, anywhere; without `mem_file_path` (squib's own use), or when the two are `DIR/state` and
+/// `DIR/memory` of a `DIR` that does not exist yet, the snapshot is the directory `DIR`, which
+/// appears atomically.
+fn create_placement<'a>(snapshot_path: &'a Path, mem_path: Option<&'a Path>) -> Result<Placement<'a>, Response> {
+    if snapshot_path.as_os_str().is_empty() {
         return Err(bad("snapshot_path: empty"));
     }
-    if let Some(mem) = mem_path {
-        let expected = dir.join(MEMORY_FILE);
-        if mem != expected {
-            return Err(bad(format!(
-                "mem_file_path {}: squib keeps a snapshot's memory inside its directory; expected {}",
-                mem.display(),
-                expected.display()
-            )));
-        }
+    let named_state = snapshot_path.file_name().is_some_and(|n| n == STATE_FILE);
+    let dir = if named_state {
+        snapshot_path.parent().filter(|d| !d.as_os_str().is_empty())
+    } else {
+        None
+    };
+    match (mem_path, dir) {
+        (None, Some(dir)) => Ok(Placement::Dir(dir)),
+        (None, None) => Ok(Placement::Dir(snapshot_path)),
+        (Some(mem), Some(dir)) if mem == dir.join(MEMORY_FILE) && !dir.exists() => Ok(Placement::Dir(dir)),
+        (Some(memory), _) => Ok(Placement::Files {
+            state: snapshot_path,
+            memory,
+        }),
     }
-    Ok(dir)
+}
+
+/// The base a diff merges into when its `mem_file_path` names an existing file: that file must
+/// be the memory file of the snapshot the diff follows, and that snapshot full.
+fn merge_base(last: &LastSnapshot, memory: &Path) -> Result<LoadedSnapshot, Response> {
+    let same = match (std::fs::canonicalize(memory), std::fs::canonicalize(&last.memory)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same {
+        return Err(bad(format!(
+            "mem_file_path {}: exists and is not the memory file of the snapshot this diff follows ({}); \
+             name a new file, or {} to merge the diff into it",
+            memory.display(),
+            last.state.display(),
+            last.memory.display()
+        )));
+    }
+    if !last.full {
+        return Err(bad(format!(
+            "mem_file_path {}: is the memory file of the diff {}; a diff merges in place only into a full snapshot's memory file",
+            memory.display(),
+            last.state.display()
+        )));
+    }
+    LoadedSnapshot::open_with_memory(&last.state, Some(&last.memory)).map_err(|e| bad(error_chain(&e)))
 }
