@@ -19,7 +19,9 @@ use squib_arch::{GpaRange, PageGeometry};
 use squib_benches::{bench_dir, raw_pwrite, scattered};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
-use squib_snapshot::snapshot::{DirectIo, ParentLink, Placement, RestoreMode, SnapshotId, SnapshotIo, SnapshotMeta};
+use squib_snapshot::snapshot::{
+    DirectIo, ParentLink, Placement, RestoreMode, SnapshotId, SnapshotIo, SnapshotMeta,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -128,7 +130,8 @@ fn save_sweep(c: &mut Criterion) {
                     for _ in 0..iters {
                         let dest = fresh("diff");
                         let t = Instant::now();
-                        save_diff(Placement::Dir(&dest), &parent, &mem, &ranges, &meta, &DirectIo).expect("diff");
+                        save_diff(Placement::Dir(&dest), &parent, &mem, &ranges, &meta, &DirectIo)
+                            .expect("diff");
                         total += t.elapsed();
                         std::fs::remove_dir_all(&dest).expect("cleanup");
                     }

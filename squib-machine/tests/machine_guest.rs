@@ -16,8 +16,8 @@ use squib_machine::{
 use squib_snapshot::report::error_chain;
 use squib_snapshot::snapshot::save::save_full;
 use squib_snapshot::snapshot::{
-    ChainWriter, DirectIo, LoadedSnapshot, ParentLink, Placement, RestoreMode, SavedSnapshot, SnapshotKind, SnapshotMeta,
-    merge, verify,
+    ChainWriter, DirectIo, LoadedSnapshot, ParentLink, Placement, RestoreMode, SavedSnapshot, SnapshotKind,
+    SnapshotMeta, merge, verify,
 };
 
 /// Generous: CPL0 code is emulated on nested hosts and CI machines are busy.

@@ -130,10 +130,14 @@ fn test_should_refuse_to_overwrite_an_existing_snapshot_directory() {
     assert!(err.contains("already holds snapshot 000000-full"), "{err}");
     let dest = dir.path().join("x");
     std::fs::create_dir(&dest).unwrap();
-    let err =
-        squib_snapshot::snapshot::save::save_full(squib_snapshot::snapshot::Placement::Dir(&dest), &mem, &meta(), &squib_snapshot::snapshot::DirectIo)
-            .unwrap_err()
-            .to_string();
+    let err = squib_snapshot::snapshot::save::save_full(
+        squib_snapshot::snapshot::Placement::Dir(&dest),
+        &mem,
+        &meta(),
+        &squib_snapshot::snapshot::DirectIo,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("destination already exists"), "{err}");
 }
 
@@ -254,7 +258,13 @@ fn test_should_save_where_rename_noreplace_is_unsupported() {
     fill_all(&mem, 4);
     let io = no_rename_flag(|_: &std::path::Path| {});
     let dest = dir.path().join("snap");
-    let saved = squib_snapshot::snapshot::save::save_full(squib_snapshot::snapshot::Placement::Dir(&dest), &mem, &meta(), &io).unwrap();
+    let saved = squib_snapshot::snapshot::save::save_full(
+        squib_snapshot::snapshot::Placement::Dir(&dest),
+        &mem,
+        &meta(),
+        &io,
+    )
+    .unwrap();
     assert_eq!(
         io.calls.load(std::sync::atomic::Ordering::SeqCst),
         1,
@@ -294,10 +304,21 @@ fn test_should_never_replace_a_snapshot_that_appears_while_falling_back_to_a_pla
     // rename (which then finds the flag unsupported).
     let other = theirs.clone();
     let io = no_rename_flag(move |to: &std::path::Path| {
-        squib_snapshot::snapshot::save::save_full(squib_snapshot::snapshot::Placement::Dir(to), &other, &meta(), &squib_snapshot::snapshot::DirectIo)
-            .unwrap();
+        squib_snapshot::snapshot::save::save_full(
+            squib_snapshot::snapshot::Placement::Dir(to),
+            &other,
+            &meta(),
+            &squib_snapshot::snapshot::DirectIo,
+        )
+        .unwrap();
     });
-    let err = squib_snapshot::snapshot::save::save_full(squib_snapshot::snapshot::Placement::Dir(&dest), &ours, &meta(), &io).unwrap_err();
+    let err = squib_snapshot::snapshot::save::save_full(
+        squib_snapshot::snapshot::Placement::Dir(&dest),
+        &ours,
+        &meta(),
+        &io,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, SnapshotError::DestinationExists { .. }),
         "{}",

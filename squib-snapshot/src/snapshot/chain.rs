@@ -174,7 +174,14 @@ impl ChainWriter {
             id: parent_id,
             state: self.dir.join(parent_name).join(STATE_FILE),
         };
-        let saved = save::write_diff(dest.as_path().into(), &parent, mem, ranges, meta, self.io.as_ref())?;
+        let saved = save::write_diff(
+            dest.as_path().into(),
+            &parent,
+            mem,
+            ranges,
+            meta,
+            self.io.as_ref(),
+        )?;
         self.next += 1;
         self.last = Some((saved.id, name));
         Ok(saved)

@@ -592,7 +592,11 @@ mod tests {
 
     #[test]
     fn test_should_refuse_a_recorded_path_that_is_empty_too_long_or_holds_a_nul() {
-        for bad in [String::new(), "a".repeat(MAX_RECORDED_PATH + 1), "mem\0ory".into()] {
+        for bad in [
+            String::new(),
+            "a".repeat(MAX_RECORDED_PATH + 1),
+            "mem\0ory".into(),
+        ] {
             let mut s = state();
             s.memory.clone_from(&bad);
             assert!(

@@ -122,10 +122,8 @@ impl LoadedSnapshot {
     /// names a state file, never a directory).
     fn open_state_file(state_path: PathBuf, memory: Option<&Path>) -> Result<Self, SnapshotError> {
         let state = read_state(&state_path)?;
-        let memory_path = memory.map_or_else(
-            || resolve_recorded(&state_path, &state.memory),
-            Path::to_path_buf,
-        );
+        let memory_path =
+            memory.map_or_else(|| resolve_recorded(&state_path, &state.memory), Path::to_path_buf);
         let snap = Self {
             path: snapshot_name(&state_path),
             state_path,
@@ -358,8 +356,7 @@ impl Chain {
             if members.len() >= MAX_CHAIN_LEN {
                 return Err(SnapshotError::ChainTooLong { path: cur.state_path });
             }
-            let canonical =
-                std::fs::canonicalize(&cur.state_path).unwrap_or_else(|_| cur.state_path.clone());
+            let canonical = std::fs::canonicalize(&cur.state_path).unwrap_or_else(|_| cur.state_path.clone());
             if !ids.insert(cur.state.id) || !files.insert(canonical) {
                 return Err(SnapshotError::Cycle {
                     id: cur.state.id,

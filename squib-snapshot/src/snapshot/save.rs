@@ -680,64 +680,65 @@ fn write_snapshot(
     let jobs = jobs_for(&layout, ranges)?;
     let layout_bytes: u64 = layout.iter().map(|r| r.len).sum();
     // Write the memory file and the state file under temporary names; `staged` says where.
-    let mut stage = |mem_tmp: &Path, state_tmp: &Path| -> Result<(SavedSnapshot, File, File), SnapshotError> {
-        let file = File::create_new(mem_tmp).map_err(SnapshotError::io(mem_tmp, "create"))?;
-        file.set_len(layout_bytes + MEMORY_TRAILER_LEN)
-            .map_err(SnapshotError::io(mem_tmp, "set length"))?;
-        let w = MemoryWriter {
-            file: &file,
-            path: mem_tmp,
-            io,
-        };
-        let full = kind == SnapshotKind::Full;
-        let (hashes, written) = w.copy_all(mem, &jobs, full, progress)?;
-        let trailer = MemoryTrailer { id, layout_bytes }.encode();
-        io.write_at(&file, &trailer, layout_bytes)
-            .map_err(SnapshotError::io(mem_tmp, "write"))?;
-        let extents = jobs
-            .iter()
-            .zip(hashes)
-            .map(|(j, xxh3)| Extent {
-                gpa: j.gpa,
-                len: j.len,
-                xxh3,
-            })
-            .collect();
-        let new = encode_state(
-            SnapshotState {
+    let mut stage =
+        |mem_tmp: &Path, state_tmp: &Path| -> Result<(SavedSnapshot, File, File), SnapshotError> {
+            let file = File::create_new(mem_tmp).map_err(SnapshotError::io(mem_tmp, "create"))?;
+            file.set_len(layout_bytes + MEMORY_TRAILER_LEN)
+                .map_err(SnapshotError::io(mem_tmp, "set length"))?;
+            let w = MemoryWriter {
+                file: &file,
+                path: mem_tmp,
+                io,
+            };
+            let full = kind == SnapshotKind::Full;
+            let (hashes, written) = w.copy_all(mem, &jobs, full, progress)?;
+            let trailer = MemoryTrailer { id, layout_bytes }.encode();
+            io.write_at(&file, &trailer, layout_bytes)
+                .map_err(SnapshotError::io(mem_tmp, "write"))?;
+            let extents = jobs
+                .iter()
+                .zip(hashes)
+                .map(|(j, xxh3)| Extent {
+                    gpa: j.gpa,
+                    len: j.len,
+                    xxh3,
+                })
+                .collect();
+            let new = encode_state(
+                SnapshotState {
+                    id,
+                    kind,
+                    parent: parent.clone(),
+                    memory: memory.clone(),
+                    created_unix_ms: now_ms(),
+                    backend: meta.backend.clone(),
+                    geometry: meta.geometry,
+                    layout: layout.clone(),
+                    extents,
+                    vcpus: meta.vcpus.clone(),
+                    devices: meta.devices.clone(),
+                },
+                state_tmp,
+            )?;
+            let sf = File::create_new(state_tmp).map_err(SnapshotError::io(state_tmp, "create"))?;
+            io.write_at(&sf, &new.bytes, 0)
+                .map_err(SnapshotError::io(state_tmp, "write"))?;
+            // Both files are written before either is synced: on journalling file systems the first
+            // fsync's commit then carries the second file's data too, and the later one is cheap.
+            file.sync_all().map_err(SnapshotError::io(mem_tmp, "fsync"))?;
+            sf.sync_all().map_err(SnapshotError::io(state_tmp, "fsync"))?;
+            let saved = SavedSnapshot {
+                path: dest.name(),
+                state_path: state_dest.clone(),
+                memory_path: memory_dest.clone(),
                 id,
                 kind,
-                parent: parent.clone(),
-                memory: memory.clone(),
-                created_unix_ms: now_ms(),
-                backend: meta.backend.clone(),
-                geometry: meta.geometry,
-                layout: layout.clone(),
-                extents,
-                vcpus: meta.vcpus.clone(),
-                devices: meta.devices.clone(),
-            },
-            state_tmp,
-        )?;
-        let sf = File::create_new(state_tmp).map_err(SnapshotError::io(state_tmp, "create"))?;
-        io.write_at(&sf, &new.bytes, 0)
-            .map_err(SnapshotError::io(state_tmp, "write"))?;
-        // Both files are written before either is synced: on journalling file systems the first
-        // fsync's commit then carries the second file's data too, and the later one is cheap.
-        file.sync_all().map_err(SnapshotError::io(mem_tmp, "fsync"))?;
-        sf.sync_all().map_err(SnapshotError::io(state_tmp, "fsync"))?;
-        let saved = SavedSnapshot {
-            path: dest.name(),
-            state_path: state_dest.clone(),
-            memory_path: memory_dest.clone(),
-            id,
-            kind,
-            extents: new.state.extents.len(),
-            extent_bytes: new.state.extent_bytes(),
-            written_bytes: written + trailer.len() as u64,
+                extents: new.state.extents.len(),
+                extent_bytes: new.state.extent_bytes(),
+                written_bytes: written + trailer.len() as u64,
+            };
+            Ok((saved, file, sf))
         };
-        Ok((saved, file, sf))
-    };
     match dest {
         Placement::Dir(dir) => {
             if dir.symlink_metadata().is_ok() {
@@ -861,7 +862,10 @@ pub fn merge_in_place(
     if same_file(state, mem_path) {
         return Err(SnapshotError::Usage {
             path: state.to_path_buf(),
-            reason: format!("is the memory file {}; name another state file", mem_path.display()),
+            reason: format!(
+                "is the memory file {}; name another state file",
+                mem_path.display()
+            ),
         });
     }
     remove_leftovers(parent_of(state));
@@ -901,7 +905,10 @@ pub fn merge_in_place(
         .read(true)
         .open(mem_path)
         .map_err(SnapshotError::io(mem_path, "open for writing"))?;
-    let len = file.metadata().map_err(SnapshotError::io(mem_path, "stat"))?.len();
+    let len = file
+        .metadata()
+        .map_err(SnapshotError::io(mem_path, "stat"))?
+        .len();
     let layout_bytes = base.state.layout_bytes();
     if len != base.state.memory_file_len() {
         return Err(SnapshotError::MemoryFileLength {
@@ -920,7 +927,10 @@ pub fn merge_in_place(
             expected: base.state.id,
         });
     }
-    let jobs = jobs_for(&layout, &dirty.iter().map(|r| (r.start(), r.len())).collect::<Vec<_>>())?;
+    let jobs = jobs_for(
+        &layout,
+        &dirty.iter().map(|r| (r.start(), r.len())).collect::<Vec<_>>(),
+    )?;
     let changed = |source: SnapshotError| SnapshotError::InPlaceMerge {
         path: mem_path.clone(),
         source: Box::new(source),

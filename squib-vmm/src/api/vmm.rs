@@ -474,7 +474,10 @@ impl Vmm {
 /// file, anywhere; without `mem_file_path` (squib's own use), or when the two are `DIR/state` and
 /// `DIR/memory` of a `DIR` that does not exist yet, the snapshot is the directory `DIR`, which
 /// appears atomically.
-fn create_placement<'a>(snapshot_path: &'a Path, mem_path: Option<&'a Path>) -> Result<Placement<'a>, Response> {
+fn create_placement<'a>(
+    snapshot_path: &'a Path,
+    mem_path: Option<&'a Path>,
+) -> Result<Placement<'a>, Response> {
     if snapshot_path.as_os_str().is_empty() {
         return Err(bad("snapshot_path: empty"));
     }

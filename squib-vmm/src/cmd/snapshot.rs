@@ -421,9 +421,6 @@ mod tests {
         })
         .unwrap_err();
         // Not a directory, so the path names a state file: the error names it.
-        assert!(
-            format!("{err:#}").contains("nope: open failed"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("nope: open failed"), "{err:#}");
     }
 }
