@@ -76,6 +76,7 @@ flow() { # VMM: one pass of the flow
     say diff_create_own_file "$(call PUT /snapshot/create "{\"snapshot_type\": \"Diff\", \"snapshot_path\": \"$d/state/diff4.state\", \"mem_file_path\": \"$d/mem/diff4.mem\"}")"
   fi
   stop
+  sleep "${LOAD_DELAY:-2}"
   start "$VMM" "$RUN-$VMM-b"
   say load_resumed "$(call PUT /snapshot/load "{\"snapshot_path\": \"$d/state/diff3.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$d/mem/base.mem\"}, \"resume_vm\": true}")"
   wait_counters 2

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use snapshot_support::{build_chain, copy_tree, listing, read_state, rewrite_state};
 use squib_arch::PageGeometry;
 use squib_snapshot::report::error_chain;
-use squib_snapshot::snapshot::format::MAX_STATE_FILE;
+use squib_snapshot::snapshot::format::{MAX_STATE_FILE, MemoryTrailer};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::{
     Chain, Extent, MEMORY_FILE, RestoreMode, STATE_FILE, SnapshotKind, merge, verify,
@@ -87,11 +87,11 @@ fn cases() -> Vec<Case> {
                     .write(true)
                     .open(&p)
                     .unwrap()
-                    .write_all_at(&2u32.to_le_bytes(), 8)
+                    .write_all_at(&3u32.to_le_bytes(), 8)
                     .unwrap();
                 p
             },
-            reason: "unsupported format version 2",
+            reason: "unsupported format version 3",
             lazy_sees_it: true,
         },
         Case {
@@ -177,7 +177,20 @@ fn cases() -> Vec<Case> {
         Case {
             name: "parent replaced by another snapshot",
             mutate: |m| {
+                // Another snapshot's pair of files: its state and a memory file carrying its id.
                 rewrite_state(&m[1], |s| s.id.0 ^= 1);
+                let s = read_state(&m[1]);
+                let p = m[1].join(MEMORY_FILE);
+                let trailer = MemoryTrailer {
+                    id: s.id,
+                    layout_bytes: s.layout_bytes(),
+                };
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .write_all_at(&trailer.encode(), s.layout_bytes())
+                    .unwrap();
                 m[2].join(STATE_FILE)
             },
             reason: "but the diff names id",

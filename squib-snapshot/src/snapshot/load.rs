@@ -87,15 +87,27 @@ pub(crate) fn dir_of(file: &Path) -> &Path {
 }
 
 /// A path recorded in the state file at `state_path`, resolved: absolute as it is, relative
-/// against the directory holding the state file.
+/// against the directory holding the state file, with `..` taken lexically (as the writer
+/// computed it: `../000000-full/state` beside `SNAPS/000001-diff/state` is
+/// `SNAPS/000000-full/state`, whatever symlinks are on the way).
 #[must_use]
 pub fn resolve_recorded(state_path: &Path, recorded: &str) -> PathBuf {
+    use std::path::Component;
     let p = Path::new(recorded);
     if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir_of(state_path).join(p)
+        return p.to_path_buf();
     }
+    let mut out = dir_of(state_path).to_path_buf();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl LoadedSnapshot {

@@ -679,66 +679,66 @@ fn write_snapshot(
     let memory = record_path(&state_dest, &memory_dest)?;
     let jobs = jobs_for(&layout, ranges)?;
     let layout_bytes: u64 = layout.iter().map(|r| r.len).sum();
-    // Write the memory file and the state file under temporary names; `staged` says where.
-    let mut stage =
-        |mem_tmp: &Path, state_tmp: &Path| -> Result<(SavedSnapshot, File, File), SnapshotError> {
-            let file = File::create_new(mem_tmp).map_err(SnapshotError::io(mem_tmp, "create"))?;
-            file.set_len(layout_bytes + MEMORY_TRAILER_LEN)
-                .map_err(SnapshotError::io(mem_tmp, "set length"))?;
-            let w = MemoryWriter {
-                file: &file,
-                path: mem_tmp,
-                io,
-            };
-            let full = kind == SnapshotKind::Full;
-            let (hashes, written) = w.copy_all(mem, &jobs, full, progress)?;
-            let trailer = MemoryTrailer { id, layout_bytes }.encode();
-            io.write_at(&file, &trailer, layout_bytes)
-                .map_err(SnapshotError::io(mem_tmp, "write"))?;
-            let extents = jobs
-                .iter()
-                .zip(hashes)
-                .map(|(j, xxh3)| Extent {
-                    gpa: j.gpa,
-                    len: j.len,
-                    xxh3,
-                })
-                .collect();
-            let new = encode_state(
-                SnapshotState {
-                    id,
-                    kind,
-                    parent: parent.clone(),
-                    memory: memory.clone(),
-                    created_unix_ms: now_ms(),
-                    backend: meta.backend.clone(),
-                    geometry: meta.geometry,
-                    layout: layout.clone(),
-                    extents,
-                    vcpus: meta.vcpus.clone(),
-                    devices: meta.devices.clone(),
-                },
-                state_tmp,
-            )?;
-            let sf = File::create_new(state_tmp).map_err(SnapshotError::io(state_tmp, "create"))?;
-            io.write_at(&sf, &new.bytes, 0)
-                .map_err(SnapshotError::io(state_tmp, "write"))?;
-            // Both files are written before either is synced: on journalling file systems the first
-            // fsync's commit then carries the second file's data too, and the later one is cheap.
-            file.sync_all().map_err(SnapshotError::io(mem_tmp, "fsync"))?;
-            sf.sync_all().map_err(SnapshotError::io(state_tmp, "fsync"))?;
-            let saved = SavedSnapshot {
-                path: dest.name(),
-                state_path: state_dest.clone(),
-                memory_path: memory_dest.clone(),
+    // The memory file: created (never opened over an existing file), guest bytes and the trailer
+    // written, not yet synced.
+    let mut write_memory = |path: &Path| -> Result<(File, Vec<Extent>, u64), SnapshotError> {
+        let file = File::create_new(path).map_err(SnapshotError::io(path, "create"))?;
+        file.set_len(layout_bytes + MEMORY_TRAILER_LEN)
+            .map_err(SnapshotError::io(path, "set length"))?;
+        let w = MemoryWriter {
+            file: &file,
+            path,
+            io,
+        };
+        let (hashes, written) = w.copy_all(mem, &jobs, kind == SnapshotKind::Full, progress)?;
+        let trailer = MemoryTrailer { id, layout_bytes }.encode();
+        io.write_at(&file, &trailer, layout_bytes)
+            .map_err(SnapshotError::io(path, "write"))?;
+        let extents = jobs
+            .iter()
+            .zip(hashes)
+            .map(|(j, xxh3)| Extent {
+                gpa: j.gpa,
+                len: j.len,
+                xxh3,
+            })
+            .collect();
+        Ok((file, extents, written + trailer.len() as u64))
+    };
+    let new_state = |extents: Vec<Extent>| -> Result<NewState, SnapshotError> {
+        encode_state(
+            SnapshotState {
                 id,
                 kind,
-                extents: new.state.extents.len(),
-                extent_bytes: new.state.extent_bytes(),
-                written_bytes: written + trailer.len() as u64,
-            };
-            Ok((saved, file, sf))
-        };
+                parent: parent.clone(),
+                memory: memory.clone(),
+                created_unix_ms: now_ms(),
+                backend: meta.backend.clone(),
+                geometry: meta.geometry,
+                layout: layout.clone(),
+                extents,
+                vcpus: meta.vcpus.clone(),
+                devices: meta.devices.clone(),
+            },
+            &state_dest,
+        )
+    };
+    let write_state = |path: &Path, new: &NewState| -> Result<File, SnapshotError> {
+        let sf = File::create_new(path).map_err(SnapshotError::io(path, "create"))?;
+        io.write_at(&sf, &new.bytes, 0)
+            .map_err(SnapshotError::io(path, "write"))?;
+        Ok(sf)
+    };
+    let saved = |new: &NewState, written: u64| SavedSnapshot {
+        path: dest.name(),
+        state_path: state_dest.clone(),
+        memory_path: memory_dest.clone(),
+        id,
+        kind,
+        extents: new.state.extents.len(),
+        extent_bytes: new.state.extent_bytes(),
+        written_bytes: written,
+    };
     match dest {
         Placement::Dir(dir) => {
             if dir.symlink_metadata().is_ok() {
@@ -748,9 +748,20 @@ fn write_snapshot(
             }
             let tmp = temp_name_for(dir, TEMP_MARK)?;
             std::fs::create_dir(&tmp).map_err(SnapshotError::io(&tmp, "create directory"))?;
-            let result = stage(&tmp.join(MEMORY_FILE), &tmp.join(STATE_FILE))
-                .and_then(|(saved, _, _)| sync_dir(&tmp).map(|()| saved));
-            let result = result.and_then(|saved| rename_into_place(&tmp, dir, io).map(|()| saved));
+            let (mem_tmp, state_tmp) = (tmp.join(MEMORY_FILE), tmp.join(STATE_FILE));
+            let result = (|| {
+                let (file, extents, written) = write_memory(&mem_tmp)?;
+                let new = new_state(extents)?;
+                let sf = write_state(&state_tmp, &new)?;
+                // Both files are written before either is synced: on journalling file systems the
+                // first fsync's commit then carries the second file's data too. Nothing is
+                // visible before the rename, so the order of the two does not matter here.
+                file.sync_all().map_err(SnapshotError::io(&mem_tmp, "fsync"))?;
+                sf.sync_all().map_err(SnapshotError::io(&state_tmp, "fsync"))?;
+                sync_dir(&tmp)?;
+                rename_into_place(&tmp, dir, io)?;
+                Ok(saved(&new, written))
+            })();
             if result.is_err() {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
@@ -766,17 +777,58 @@ fn write_snapshot(
                     ),
                 });
             }
-            let mem_tmp = temp_name_for(memory, TEMP_FILE_MARK)?;
-            let state_tmp = temp_name_for(state, TEMP_FILE_MARK)?;
-            let result = stage(&mem_tmp, &state_tmp).and_then(|(saved, _, _)| {
-                std::fs::rename(&mem_tmp, memory).map_err(SnapshotError::io(memory, "rename into place"))?;
-                std::fs::rename(&state_tmp, state).map_err(SnapshotError::io(state, "rename into place"))?;
+            // A file already at a path is replaced by a rename once its successor is complete;
+            // a new path is written under its own name (a crash leaves a torn file there, which
+            // every loader refuses: the state file by its length and CRC, the memory file by its
+            // missing trailer or the absence of a state file naming it).
+            let staging = |path: &Path| -> Result<Option<PathBuf>, SnapshotError> {
+                if path.symlink_metadata().is_ok() {
+                    temp_name_for(path, TEMP_FILE_MARK).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            let (mem_tmp, state_tmp) = (staging(memory)?, staging(state)?);
+            let mem_at = mem_tmp.clone().unwrap_or_else(|| memory.to_path_buf());
+            let state_at = state_tmp.clone().unwrap_or_else(|| state.to_path_buf());
+            let mut created: Vec<PathBuf> = Vec::new();
+            let result = (|| {
+                let (file, extents, written) = write_memory(&mem_at).inspect_err(|e| {
+                    if !matches!(e, SnapshotError::Io { op: "create", .. }) {
+                        created.push(mem_at.clone());
+                    }
+                })?;
+                created.push(mem_at.clone());
+                let new = new_state(extents)?;
+                // The memory is durable before the state file that names it can be: a crash
+                // can never leave a valid state file over memory that did not reach the disk.
+                file.sync_data()
+                    .map_err(SnapshotError::io(&mem_at, "fdatasync"))?;
+                if mem_tmp.is_some() {
+                    std::fs::rename(&mem_at, memory)
+                        .map_err(SnapshotError::io(memory, "rename into place"))?;
+                    created.pop();
+                }
+                let sf = write_state(&state_at, &new).inspect_err(|e| {
+                    if !matches!(e, SnapshotError::Io { op: "create", .. }) {
+                        created.push(state_at.clone());
+                    }
+                })?;
+                created.push(state_at.clone());
+                sf.sync_all().map_err(SnapshotError::io(&state_at, "fsync"))?;
+                if state_tmp.is_some() {
+                    std::fs::rename(&state_at, state)
+                        .map_err(SnapshotError::io(state, "rename into place"))?;
+                }
+                created.clear();
+                // The names: both directories (once when they are one).
                 sync_dirs(state, memory)?;
-                Ok(saved)
-            });
+                Ok(saved(&new, written))
+            })();
             if result.is_err() {
-                let _ = std::fs::remove_file(&mem_tmp);
-                let _ = std::fs::remove_file(&state_tmp);
+                for p in &created {
+                    let _ = std::fs::remove_file(p);
+                }
             }
             result
         }
@@ -951,18 +1003,31 @@ pub fn merge_in_place(
     file.sync_data()
         .map_err(SnapshotError::io(mem_path, "fdatasync"))
         .map_err(changed)?;
-    // 4. The new state file: the commit record.
-    let tmp = temp_name_for(state, TEMP_FILE_MARK).map_err(changed)?;
+    // 4. The new state file: the commit record. Under its own name when the path is new (a
+    // torn one is refused by its length and CRC), else beside it and renamed over the old one.
+    let tmp = if state.symlink_metadata().is_ok() {
+        Some(temp_name_for(state, TEMP_FILE_MARK).map_err(changed)?)
+    } else {
+        None
+    };
+    let at = tmp.clone().unwrap_or_else(|| state.to_path_buf());
+    let mut made = false;
     let committed = (|| {
-        let sf = File::create_new(&tmp).map_err(SnapshotError::io(&tmp, "create"))?;
+        let sf = File::create_new(&at).map_err(SnapshotError::io(&at, "create"))?;
+        made = true;
         io.write_at(&sf, &new.bytes, 0)
-            .map_err(SnapshotError::io(&tmp, "write"))?;
-        sf.sync_all().map_err(SnapshotError::io(&tmp, "fsync"))?;
-        std::fs::rename(&tmp, state).map_err(SnapshotError::io(state, "rename into place"))?;
+            .map_err(SnapshotError::io(&at, "write"))?;
+        sf.sync_all().map_err(SnapshotError::io(&at, "fsync"))?;
+        if tmp.is_some() {
+            std::fs::rename(&at, state).map_err(SnapshotError::io(state, "rename into place"))?;
+        }
+        made = false;
         sync_dir(parent_of(state))
     })();
     if let Err(e) = committed {
-        let _ = std::fs::remove_file(&tmp);
+        if made {
+            let _ = std::fs::remove_file(&at);
+        }
         return Err(changed(e));
     }
     Ok(SavedSnapshot {
