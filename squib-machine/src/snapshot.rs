@@ -89,8 +89,9 @@ pub enum Target<'a> {
     /// A diff, chained to the snapshot whose state file `ParentLink` names.
     Diff(Placement<'a>, ParentLink),
     /// A diff merged into the memory file of its full parent (the loaded snapshot), giving a
-    /// full snapshot whose state file is at the path (Firecracker's in-place merge).
-    MergeInPlace(&'a Path, &'a LoadedSnapshot),
+    /// full snapshot whose state file is at the path (Firecracker's in-place merge). On success
+    /// the loaded snapshot describes the merge.
+    MergeInPlace(&'a Path, &'a mut LoadedSnapshot),
     /// The next member of a chain: full if the chain is empty, else a diff.
     Chain(&'a mut ChainWriter),
 }

@@ -186,11 +186,14 @@ fn merged(dir: &Path) -> (PathBuf, Vec<u8>, Vec<u8>, PathBuf) {
         GpaRange::new(0x10_2000, 0x2000).unwrap(),
         GpaRange::new(0x11_0000, 0x1000).unwrap(),
     ];
-    let loaded = LoadedSnapshot::open(&base).unwrap();
+    let mut loaded = LoadedSnapshot::open(&base).unwrap();
     let out = dir.join("merged.state");
-    let saved = merge_in_place(&out, &loaded, &mem, &ranges, &meta(), &DirectIo).unwrap();
+    let saved = merge_in_place(&out, &mut loaded, &mem, &ranges, &meta(), &DirectIo).unwrap();
     assert_eq!(saved.kind, SnapshotKind::Full);
     assert_eq!(saved.memory_path, base_mem);
+    // The handle now describes the merge, as the state file written says.
+    assert_eq!(loaded.state, recorded(&out));
+    assert_eq!(loaded.state_path, out);
     (base, before, contents(&mem), out)
 }
 
@@ -251,11 +254,11 @@ fn test_should_leave_the_base_refused_and_no_new_state_when_an_in_place_merge_fa
     save_full(files(&base, &base_mem), &mem, &meta(), &DirectIo).unwrap();
     fill(&mem, 0x20_0000, 0x4_0000, 8);
     let ranges = [GpaRange::new(0x20_0000, 0x4_0000).unwrap()];
-    let loaded = LoadedSnapshot::open(&base).unwrap();
+    let mut loaded = LoadedSnapshot::open(&base).unwrap();
     let out = dir.path().join("merged.state");
     // The trailer (48 bytes) goes through, the dirty bytes do not: a crash-like stop midway.
     let io = FailingIo::new(48 + 0x1_0000, libc::ENOSPC);
-    let err = merge_in_place(&out, &loaded, &mem, &ranges, &meta(), &io).unwrap_err();
+    let err = merge_in_place(&out, &mut loaded, &mem, &ranges, &meta(), &io).unwrap_err();
     let msg = error_chain(&err);
     assert!(
         msg.contains("in-place merge failed") && msg.contains("base.mem"),
@@ -272,9 +275,9 @@ fn test_should_leave_the_base_refused_and_no_new_state_when_an_in_place_merge_fa
     let (b2, b2m) = (fresh.join("b.state"), fresh.join("b.mem"));
     save_full(files(&b2, &b2m), &mem, &meta(), &DirectIo).unwrap();
     let image = contents(&mem);
-    let loaded = LoadedSnapshot::open(&b2).unwrap();
+    let mut loaded = LoadedSnapshot::open(&b2).unwrap();
     let io = FailingIo::new(0, libc::EIO);
-    merge_in_place(&fresh.join("m.state"), &loaded, &mem, &ranges, &meta(), &io).unwrap_err();
+    merge_in_place(&fresh.join("m.state"), &mut loaded, &mem, &ranges, &meta(), &io).unwrap_err();
     assert_restores(&b2, &image);
 }
 
@@ -284,7 +287,7 @@ fn test_should_refuse_an_in_place_merge_into_a_file_that_no_longer_holds_the_bas
     let (base, _, _, _) = merged(dir.path());
     // `base.state` still decodes; its memory file is now the merge's.
     let state = recorded(&base);
-    let stale = LoadedSnapshot {
+    let mut stale = LoadedSnapshot {
         path: base.clone(),
         state_path: base.clone(),
         memory_path: dir.path().join("base.mem"),
@@ -293,7 +296,7 @@ fn test_should_refuse_an_in_place_merge_into_a_file_that_no_longer_holds_the_bas
     let mem = memory(&regions());
     let err = merge_in_place(
         &dir.path().join("again.state"),
-        &stale,
+        &mut stale,
         &mem,
         &[],
         &meta(),

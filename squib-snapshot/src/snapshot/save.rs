@@ -864,16 +864,17 @@ fn sync_dirs(a: &Path, b: &Path) -> Result<(), SnapshotError> {
 /// into `base`'s memory file, and a new **full** snapshot whose memory is that file is written at
 /// `state` (a state file already there is replaced). `base` must be a full snapshot whose memory
 /// file still holds its memory, and `mem` must be the guest it was taken of (or loaded into),
-/// paused, with `ranges` everything written since.
+/// paused, with `ranges` everything written since. On success `base` describes the merged
+/// snapshot (so a caller merging again need not read the state file back).
 ///
 /// Writing into the base cannot be atomic, so the order makes every crash safe to load from:
-/// 1. everything that can fail without touching the base first: the new extents' checksums
-///    (blocks of the base's extents that a range touches, rehashed from `mem`; the others carry
-///    over) and the new state file, encoded;
+/// 1. everything that can fail without touching the base first: the base is full, its memory
+///    file still carries its id (on the descriptor the writes use), the layouts match;
 /// 2. the memory file's identity trailer is rewritten to the new snapshot's id and synced
 ///    (`fdatasync`) **before** any guest byte is written: from here on the base's state file is
 ///    refused by name, whatever else reaches the disk;
-/// 3. the dirty ranges are written and synced;
+/// 3. the dirty ranges are written and synced (meanwhile a second thread rehashes, from `mem`,
+///    the blocks of the base's extents that a range touches; the others' checksums carry over);
 /// 4. the new state file is written under a temporary name, synced, renamed into place, and its
 ///    directory synced.
 ///
@@ -886,7 +887,7 @@ fn sync_dirs(a: &Path, b: &Path) -> Result<(), SnapshotError> {
 /// memory, a layout mismatch, or any I/O error.
 pub fn merge_in_place(
     state: &Path,
-    base: &LoadedSnapshot,
+    base: &mut LoadedSnapshot,
     mem: &GuestMemoryMmap<AtomicBitmap>,
     ranges: &[GpaRange],
     meta: &SnapshotMeta,
@@ -923,34 +924,7 @@ pub fn merge_in_place(
     remove_leftovers(parent_of(state));
     let dirty = normalise(ranges, &layout, meta.geometry.granule)?;
     let id = new_id(state);
-    // 1. Checksums of the blocks the diff touches, from guest memory; the rest carry over.
-    let mut extents = base.state.extents.clone();
-    let mut buf = vec![0u8; CHUNK];
-    let mut d = 0;
-    for e in &mut extents {
-        while d < dirty.len() && dirty[d].end() <= e.gpa {
-            d += 1;
-        }
-        if d < dirty.len() && dirty[d].start() < e.gpa + e.len {
-            e.xxh3 = hash_guest(mem, e.gpa, e.len, &mut buf)?;
-        }
-    }
-    let new = encode_state(
-        SnapshotState {
-            id,
-            kind: SnapshotKind::Full,
-            parent: None,
-            memory: record_path(state, mem_path)?,
-            created_unix_ms: now_ms(),
-            backend: meta.backend.clone(),
-            geometry: meta.geometry,
-            layout: layout.clone(),
-            extents,
-            vcpus: meta.vcpus.clone(),
-            devices: meta.devices.clone(),
-        },
-        state,
-    )?;
+    let memory = record_path(state, mem_path)?;
     // The file must still hold the base (checked on this descriptor, which the writes use).
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -987,22 +961,67 @@ pub fn merge_in_place(
         path: mem_path.clone(),
         source: Box::new(source),
     };
-    // 2. Restamp and sync: the old state file no longer matches, whatever reaches the disk next.
-    io.write_at(&file, &MemoryTrailer { id, layout_bytes }.encode(), layout_bytes)
-        .map_err(SnapshotError::io(mem_path, "write identity trailer"))?;
-    file.sync_data()
-        .map_err(SnapshotError::io(mem_path, "fdatasync"))
+    // The checksums of the blocks the diff touches are computed from guest memory (paused: it is
+    // what the file will hold) on a second thread while this one waits for the disk; the other
+    // blocks' checksums carry over.
+    let (new, written) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| -> Result<Vec<Extent>, SnapshotError> {
+            let mut extents = base.state.extents.clone();
+            let mut buf = vec![0u8; CHUNK];
+            let mut d = 0;
+            for e in &mut extents {
+                while d < dirty.len() && dirty[d].end() <= e.gpa {
+                    d += 1;
+                }
+                if d < dirty.len() && dirty[d].start() < e.gpa + e.len {
+                    e.xxh3 = hash_guest(mem, e.gpa, e.len, &mut buf)?;
+                }
+            }
+            Ok(extents)
+        });
+        // 2. Restamp and sync: the old state file no longer matches, whatever reaches the disk
+        // next.
+        let written = (|| {
+            io.write_at(&file, &MemoryTrailer { id, layout_bytes }.encode(), layout_bytes)
+                .map_err(SnapshotError::io(mem_path, "write identity trailer"))?;
+            file.sync_data()
+                .map_err(SnapshotError::io(mem_path, "fdatasync"))
+                .map_err(changed)?;
+            // 3. The dirty ranges, in place (zero pages too: the base may hold data there).
+            let w = MemoryWriter {
+                file: &file,
+                path: mem_path,
+                io,
+            };
+            let (_, written) = w.copy_all(mem, &jobs, false, &mut |_| {}).map_err(changed)?;
+            file.sync_data()
+                .map_err(SnapshotError::io(mem_path, "fdatasync"))
+                .map_err(changed)?;
+            Ok::<u64, SnapshotError>(written)
+        })();
+        let extents = hashing
+            .join()
+            .map_err(|_| SnapshotError::GuestMemory("the hashing thread panicked".into()))?;
+        let written = written?;
+        let new = encode_state(
+            SnapshotState {
+                id,
+                kind: SnapshotKind::Full,
+                parent: None,
+                memory,
+                created_unix_ms: now_ms(),
+                backend: meta.backend.clone(),
+                geometry: meta.geometry,
+                layout,
+                extents: extents.map_err(changed)?,
+                vcpus: meta.vcpus.clone(),
+                devices: meta.devices.clone(),
+            },
+            state,
+        )
         .map_err(changed)?;
-    // 3. The dirty ranges, in place.
-    let w = MemoryWriter {
-        file: &file,
-        path: mem_path,
-        io,
-    };
-    let (_, written) = w.copy_all(mem, &jobs, false, &mut |_| {}).map_err(changed)?;
-    file.sync_data()
-        .map_err(SnapshotError::io(mem_path, "fdatasync"))
-        .map_err(changed)?;
+        Ok::<_, SnapshotError>((new, written))
+    })?;
     // 4. The new state file: the commit record. Under its own name when the path is new (a
     // torn one is refused by its length and CRC), else beside it and renamed over the old one.
     let tmp = if state.symlink_metadata().is_ok() {
@@ -1030,7 +1049,7 @@ pub fn merge_in_place(
         }
         return Err(changed(e));
     }
-    Ok(SavedSnapshot {
+    let saved = SavedSnapshot {
         path: state.to_path_buf(),
         state_path: state.to_path_buf(),
         memory_path: mem_path.clone(),
@@ -1039,7 +1058,12 @@ pub fn merge_in_place(
         extents: new.state.extents.len(),
         extent_bytes: new.state.extent_bytes(),
         written_bytes: written,
-    })
+    };
+    // `base` now describes the merge, ready for the next one.
+    base.path = state.to_path_buf();
+    base.state_path = state.to_path_buf();
+    base.state = new.state;
+    Ok(saved)
 }
 
 /// xxh3-64 of `len` bytes of guest memory at `gpa`, copied out in chunks through `buf`.

@@ -127,13 +127,16 @@ pub struct Vmm {
     last_snapshot: Option<LastSnapshot>,
 }
 
-/// The snapshot a diff follows: where its files are (absolute), its id, whether it is full.
-#[derive(Debug, Clone)]
+/// The snapshot a diff follows: where its files are (absolute), its id, whether it is full, and
+/// (once a diff has been merged into it) its loaded state, kept so that the next in-place merge
+/// need not read the state file back.
+#[derive(Debug)]
 struct LastSnapshot {
     state: PathBuf,
     memory: PathBuf,
     id: SnapshotId,
     full: bool,
+    loaded: Option<LoadedSnapshot>,
 }
 
 impl LastSnapshot {
@@ -143,6 +146,7 @@ impl LastSnapshot {
             memory: absolute(memory),
             id,
             full: kind == SnapshotKind::Full,
+            loaded: None,
         }
     }
 }
@@ -370,7 +374,11 @@ impl Vmm {
     fn snapshot_create(&mut self, req: &Request) -> Reply {
         let b: SnapshotCreateBody = body(req)?;
         let _ = b.version; // Firecracker's deprecated field: accepted, unused.
-        let machine = self.running("PUT /snapshot/create")?;
+        // Fields apart, not `self.running()`: the last snapshot is borrowed mutably below.
+        let machine = self
+            .machine
+            .as_ref()
+            .ok_or_else(|| bad("PUT /snapshot/create: no guest has been started or loaded"))?;
         let diff = match b.snapshot_type.as_deref().unwrap_or("Full") {
             "Full" => false,
             "Diff" if machine.tracks_dirty_pages() => true,
@@ -386,15 +394,15 @@ impl Vmm {
             return Err(bad("PUT /snapshot/create: the guest must be paused (PATCH /vm)"));
         }
         let placement = create_placement(&b.snapshot_path, b.mem_file_path.as_deref())?;
-        let base;
+        let mut merged = false;
         let target = if diff {
-            let last = self.last_snapshot.as_ref().ok_or_else(|| {
+            let last = self.last_snapshot.as_mut().ok_or_else(|| {
                 bad("snapshot_type Diff: no earlier snapshot of this guest to chain to (create a Full first)")
             })?;
             match placement {
                 Placement::Files { state, memory } if memory.exists() => {
-                    base = merge_base(last, memory)?;
-                    Target::MergeInPlace(state, &base)
+                    merged = true;
+                    Target::MergeInPlace(state, merge_base(last, memory)?)
                 }
                 _ => Target::Diff(
                     placement,
@@ -408,12 +416,25 @@ impl Vmm {
             Target::Full(placement)
         };
         let saved = snapshot::save(machine, target).map_err(|e| bad(error_chain(&e)))?;
-        self.last_snapshot = Some(LastSnapshot::new(
-            &saved.state_path,
-            &saved.memory_path,
-            saved.id,
-            saved.kind,
-        ));
+        match self.last_snapshot.as_mut() {
+            // The loaded base now describes the merge (same memory file, new state and id).
+            Some(last) if merged => {
+                last.state = absolute(&saved.state_path);
+                last.id = saved.id;
+                last.full = true;
+                if let Some(l) = last.loaded.as_mut() {
+                    l.state_path.clone_from(&last.state);
+                }
+            }
+            _ => {
+                self.last_snapshot = Some(LastSnapshot::new(
+                    &saved.state_path,
+                    &saved.memory_path,
+                    saved.id,
+                    saved.kind,
+                ));
+            }
+        }
         Ok(Response::no_content())
     }
 
@@ -499,8 +520,9 @@ fn create_placement<'a>(
 }
 
 /// The base a diff merges into when its `mem_file_path` names an existing file: that file must
-/// be the memory file of the snapshot the diff follows, and that snapshot full.
-fn merge_base(last: &LastSnapshot, memory: &Path) -> Result<LoadedSnapshot, Response> {
+/// be the memory file of the snapshot the diff follows, and that snapshot full. Its state is
+/// read once and kept (the merge updates it).
+fn merge_base<'a>(last: &'a mut LastSnapshot, memory: &Path) -> Result<&'a mut LoadedSnapshot, Response> {
     let same = match (std::fs::canonicalize(memory), std::fs::canonicalize(&last.memory)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -521,5 +543,16 @@ fn merge_base(last: &LastSnapshot, memory: &Path) -> Result<LoadedSnapshot, Resp
             last.state.display()
         )));
     }
-    LoadedSnapshot::open_with_memory(&last.state, Some(&last.memory)).map_err(|e| bad(error_chain(&e)))
+    let stale = last
+        .loaded
+        .as_ref()
+        .is_none_or(|l| l.state.id != last.id || l.state_path != last.state);
+    if stale {
+        let loaded = LoadedSnapshot::open_with_memory(&last.state, Some(&last.memory))
+            .map_err(|e| bad(error_chain(&e)))?;
+        last.loaded = Some(loaded);
+    }
+    last.loaded
+        .as_mut()
+        .ok_or_else(|| bad("internal: the merge base was not loaded"))
 }
