@@ -1,4 +1,5 @@
-//! Write seed corpora for both targets from real snapshots (a full, two diffs).
+//! Write seed corpora: for `state_file` and `chain_load` from real snapshots (a full, two
+//! diffs); for `machine_state` from the sections of a machine state with one and two vCPUs.
 use squib_arch::{GpaRange, PageGeometry};
 use squib_snapshot::snapshot::{ChainWriter, MEMORY_FILE, STATE_FILE, SnapshotMeta};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
@@ -36,5 +37,56 @@ fn main() {
         let chain = squib_fuzz::encode(&members[..=i]);
         std::fs::write(out.join("chain_load").join(format!("seed-{i}")), chain).expect("seed");
     }
+    std::fs::create_dir_all(out.join("machine_state")).expect("corpus");
+    for n in 1..=2 {
+        let (vcpus, devices) = machine_state(n).into_sections();
+        let mut parts = vcpus;
+        parts.extend(devices.into_iter().map(|s| s.data));
+        std::fs::write(
+            out.join("machine_state").join(format!("seed-{n}")),
+            squib_fuzz::join_parts(&parts),
+        )
+        .expect("seed");
+    }
     println!("seeds written to {}", out.display());
+}
+
+/// A machine state with `n` vCPUs, registers and MSRs set as a booted kernel's would be.
+fn machine_state(n: u32) -> squib_machine::MachineState {
+    use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_regs};
+    use squib_machine::state::{MachineState, STATE_VERSION, VcpuState};
+    let vcpu = |i: u32| VcpuState {
+        cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: i, ..Default::default() }; 2],
+        mp_state: Default::default(),
+        regs: kvm_regs { rip: 0x10_0000, rsp: 0x8000, ..Default::default() },
+        sregs: Default::default(),
+        xsave: vec![0; 1024],
+        xcrs: Default::default(),
+        debug_regs: Default::default(),
+        lapic: Default::default(),
+        msrs: vec![kvm_msr_entry { index: 0x10, data: 1 << 40, ..Default::default() }; 3],
+        events: Default::default(),
+    };
+    MachineState {
+        version: STATE_VERSION,
+        mem_size: 64 << 20,
+        vcpus: (0..n).map(vcpu).collect(),
+        pic_master: Default::default(),
+        pic_slave: Default::default(),
+        ioapic: Default::default(),
+        pit: Default::default(),
+        clock: Default::default(),
+        serial: squib_machine::serial::SerialSnapshot {
+            baud_divisor_low: 1,
+            baud_divisor_high: 0,
+            interrupt_enable: 0,
+            interrupt_identification: 1,
+            line_control: 3,
+            line_status: 0x60,
+            modem_control: 8,
+            modem_status: 0xb0,
+            scratch: 0,
+            in_buffer: Vec::new(),
+        },
+    }
 }
