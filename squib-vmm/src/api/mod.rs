@@ -7,7 +7,7 @@
 //! requests are served one at a time against one [`vmm::Vmm`], as in
 //! Firecracker, so a client never sees a half-applied change.
 
-pub mod http;
+pub use squib_vmm::api::http;
 pub mod vmm;
 
 use std::io::BufReader;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
 
-use http::{HttpError, Response, read_request_answering};
+use http::{Connection, HttpError, Response, read_request_answering};
 use vmm::Vmm;
 
 /// Removes the socket file when the server ends.
@@ -39,14 +39,18 @@ fn serve_connection(stream: UnixStream, vmm: &Mutex<Vmm>) {
     let mut reader = BufReader::new(stream);
     loop {
         let response = match read_request_answering(&mut reader, &mut writer) {
-            Ok(req) => vmm.lock().handle(&req),
-            Err(HttpError::Closed | HttpError::Io(_)) => return,
+            Ok(req) if req.keep_alive => vmm.lock().handle(&req),
+            Ok(req) => {
+                let _ = vmm.lock().handle(&req).write_to(&mut writer, Connection::Close);
+                return;
+            }
+            Err(HttpError::Closed | HttpError::Idle | HttpError::TimedOut | HttpError::Io(_)) => return,
             Err(e @ HttpError::Bad(_)) => {
-                let _ = Response::fault(400, &e.to_string()).write_to(&mut writer);
+                let _ = Response::fault(400, &e.to_string()).write_to(&mut writer, Connection::Close);
                 return;
             }
         };
-        if response.write_to(&mut writer).is_err() {
+        if response.write_to(&mut writer, Connection::KeepAlive).is_err() {
             return;
         }
     }
