@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(req: &Request, interim: &[u8]) {
     assert!(req.body.len() <= MAX_BODY, "body of {} bytes", req.body.len());
-    assert!(req.path.starts_with('/') && req.path.len() <= MAX_LINE, "path {:?}", req.path);
+    assert!(
+        req.path.starts_with('/') && req.path.len() <= MAX_LINE,
+        "path {:?}",
+        req.path
+    );
     assert!(
         interim.is_empty() || (interim == b"HTTP/1.1 100 Continue\r\n\r\n" && !req.body.is_empty()),
         "interim reply {interim:?} for a body of {} bytes",
@@ -45,5 +49,8 @@ fn check(req: &Request, interim: &[u8]) {
     .into_bytes();
     plain.extend_from_slice(&req.body);
     let back = read_request(&mut &plain[..]).expect("a request written plainly reads back");
-    assert_eq!((&back.method, &back.path, &back.body), (&req.method, &req.path, &req.body));
+    assert_eq!(
+        (&back.method, &back.path, &back.body),
+        (&req.method, &req.path, &req.body)
+    );
 }
