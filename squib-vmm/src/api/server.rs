@@ -526,7 +526,7 @@ mod tests {
         let mut dripper = c.get_ref().try_clone().expect("clone");
         let request = format!(
             "PUT /drip HTTP/1.1\r\nX-Pad: {}\r\nContent-Length: 2\r\n\r\n{{}}",
-            "x".repeat(400)
+            "x".repeat(2000)
         );
         let drip = std::thread::spawn(move || {
             for b in request.bytes() {
@@ -541,7 +541,7 @@ mod tests {
         assert_eq!(replies.len(), 1, "{replies:?}");
         assert_eq!(replies[0].status, 408, "{replies:?}");
         drop(c);
-        // The dripper's 450 bytes take at least 4.5 s; it is refused long before the end.
+        // The dripper's 2 050 bytes take at least 20 s; it is refused long before the end.
         assert!(!drip.join().expect("dripper"), "the whole request was written");
     }
 
