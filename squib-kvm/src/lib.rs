@@ -26,6 +26,8 @@ pub mod layout;
 #[cfg(target_os = "linux")]
 pub mod runner;
 #[cfg(target_os = "linux")]
+pub mod threads;
+#[cfg(target_os = "linux")]
 pub mod uffd;
 #[cfg(target_os = "linux")]
 pub mod vm;

@@ -30,6 +30,7 @@ use super::guest::{
     workload_program,
 };
 use super::layout::{LayoutError, MemoryLayout, REGION_ALIGN};
+use super::threads::VcpuThreads;
 use super::uffd::UffdWpBackend;
 
 /// Offsets in the system area.
@@ -73,10 +74,10 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     /// `/dev/kvm` could not be opened.
-    #[error("opening /dev/kvm: {0}")]
+    #[error("opening /dev/kvm")]
     Open(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Ioctl {
         /// What was being done.
         op: String,
@@ -116,14 +117,23 @@ pub enum KvmError {
     #[error("{0}")]
     Config(String),
     /// A checkpoint failed (its units were folded back).
-    #[error("{0}")]
-    Checkpoint(String),
+    #[error("checkpoint {index} failed")]
+    Checkpoint {
+        /// Which checkpoint.
+        index: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// vCPUs did not reach a pause in time.
     #[error("vCPUs did not pause within {0:?} (a vCPU blocked on an unserved fault?)")]
     PauseTimeout(Duration),
     /// A vCPU thread panicked or could not start.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// The uffd-wp handler met a fault the tracker refused, and the VM was stopped.
+    #[error(transparent)]
+    UntrackedFault(Arc<crate::runner::UntrackedFault>),
 }
 
 fn ioctl(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -223,6 +233,7 @@ pub struct KvmVm {
     sys: Arc<GuestMemoryMmap<()>>,
     vcpus: Vec<VcpuFd>,
     sregs: kvm_sregs,
+    threads: Arc<VcpuThreads>,
     _kvm: Kvm,
 }
 
@@ -365,6 +376,7 @@ impl KvmVm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let threads = Arc::new(VcpuThreads::new(usize::try_from(cfg.vcpus).unwrap_or(0)));
         let mut vcpus = Vec::new();
         let mut sregs = kvm_sregs::default();
         for i in 0..cfg.vcpus {
@@ -388,7 +400,11 @@ impl KvmVm {
                 Arc::clone(&ram),
             ))
         } else {
-            KvmBackend::UffdWp(UffdWpBackend::new(Arc::clone(&ram), &layout)?)
+            KvmBackend::UffdWp(UffdWpBackend::new(
+                Arc::clone(&ram),
+                &layout,
+                Arc::clone(&threads),
+            )?)
         };
         Ok((
             Self {
@@ -398,6 +414,7 @@ impl KvmVm {
                 sys,
                 vcpus,
                 sregs,
+                threads,
                 _kvm: kvm,
             },
             backend,
@@ -460,6 +477,7 @@ impl KvmVm {
         };
         v.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
         let id = u32::try_from(vcpu).unwrap_or(u32::MAX);
+        let _running = self.threads.enter(vcpu);
         loop {
             match v.run() {
                 Ok(VcpuExit::IoOut(PORT_DONE, _)) => return Ok(()),
@@ -546,10 +564,14 @@ impl KvmVm {
         let mut threads = Vec::new();
         for (i, v) in self.vcpus.drain(..).enumerate() {
             let c = Arc::clone(&control);
+            let registry = Arc::clone(&self.threads);
             let id = u32::try_from(i).unwrap_or(u32::MAX);
             let t = std::thread::Builder::new()
                 .name(format!("squib-vcpu{i}"))
-                .spawn(move || vcpu_loop(v, id, &c))
+                .spawn(move || {
+                    let _running = registry.enter(i);
+                    vcpu_loop(v, id, &c)
+                })
                 .map_err(|e| KvmError::Thread(e.to_string()))?;
             threads.push(t);
         }

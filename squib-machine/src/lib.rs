@@ -75,6 +75,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
 use squib_arch::GpaRange;
+use squib_snapshot::report::ErrorChain;
 use squib_snapshot::{DirtyTracker, Policy, TrackingConfig};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vm_superio::Serial;
@@ -569,10 +570,10 @@ fn new_tracker(vm: &Arc<VmFd>, memory: &Arc<GuestMemory>) -> Result<MachineTrack
         .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {e}")))?;
     let backend = DirtyLogBackend::new(Arc::clone(vm), layout, Arc::clone(memory));
     let tracker = DirtyTracker::new(backend, &ram, TrackingConfig::new(Policy::Fine))
-        .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {e}")))?;
-    tracker
-        .start()
-        .map_err(|e| MachineError::InvalidConfig(format!("starting dirty-page tracking: {e}")))?;
+        .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {}", ErrorChain(&e))))?;
+    tracker.start().map_err(|e| {
+        MachineError::InvalidConfig(format!("starting dirty-page tracking: {}", ErrorChain(&e)))
+    })?;
     Ok(tracker)
 }
 

@@ -57,13 +57,13 @@ pub enum MachineSnapshotError {
     #[error(transparent)]
     Files(#[from] SnapshotError),
     /// KVM's dirty log could not be read or cleared.
-    #[error("dirty-page tracking: {0}")]
+    #[error("dirty-page tracking")]
     Track(#[from] BackendError),
     /// A diff of a machine that does not track dirty pages.
     #[error("{0}: needs a machine that tracks dirty pages")]
     NotTracking(&'static str),
     /// The snapshot's machine sections are missing or unreadable.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     State {
         /// The state file.
         path: PathBuf,

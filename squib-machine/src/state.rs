@@ -87,7 +87,7 @@ struct VmPart {
 #[derive(Debug, thiserror::Error)]
 pub enum StateCodecError {
     /// The bytes are not a machine state.
-    #[error("machine state: cannot decode: {0}")]
+    #[error("machine state: cannot decode")]
     Decode(#[from] serde_json::Error),
     /// Encoded by an incompatible squib.
     #[error("machine state: version {found}, this squib reads version {expected}")]

@@ -13,6 +13,7 @@ use squib_machine::{
     Capture, Console, GUEST_KERNEL, Machine, MachineConfig, MachineState, RestoreOptions, copy_memory,
     new_memory,
 };
+use squib_snapshot::report::error_chain;
 use squib_snapshot::snapshot::save::save_full;
 use squib_snapshot::snapshot::{
     ChainWriter, DirectIo, LoadedSnapshot, ParentRef, RestoreMode, SavedSnapshot, SnapshotKind, SnapshotMeta,
@@ -178,9 +179,9 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
         },
     )
     .expect("restore");
+    // `is_paused` holds only once every vCPU thread is parked in the host (outside KVM_RUN):
+    // the guest cannot have run, so nothing it printed can be waiting in the console.
     assert!(restored.is_paused());
-    // Three timer periods: a running guest would have printed.
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(after.text(), "", "a paused restore ran the guest");
     restored.resume();
     // KVM's PIT ran on host time while the vCPUs were parked and, by its default
@@ -398,7 +399,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
         &DirectIo,
     )
     .expect("save");
-    let err = snapshot::load(&plain, RestoreMode::Lazy).unwrap_err().to_string();
+    let err = error_chain(&snapshot::load(&plain, RestoreMode::Lazy).unwrap_err());
     assert!(
         err.contains("plain/state") && err.contains("kvm-machine"),
         "{err}"
@@ -411,7 +412,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
         &DirectIo,
     )
     .expect("save");
-    let err = snapshot::load(&soft, RestoreMode::Lazy).unwrap_err().to_string();
+    let err = error_chain(&snapshot::load(&soft, RestoreMode::Lazy).unwrap_err());
     assert!(err.contains("backend mismatch"), "{err}");
 }
 
@@ -473,7 +474,7 @@ fn guest_child_process() {
             let mut console = String::new();
             for _ in 0..3 {
                 machine.resume();
-                std::thread::sleep(Duration::from_secs(1));
+                // chain_snapshot waits for the guest's user-mode work before it pauses.
                 console = chain_snapshot(&machine, &capture, &mut chain).0;
             }
             std::fs::write(dir.join("console.txt"), console).expect("write console");
@@ -481,6 +482,9 @@ fn guest_child_process() {
             // Last: its presence tells the parent the chain is complete.
             write_atomically(&dir.join("leaf"), leaf.as_os_str().as_encoded_bytes());
             machine.resume();
+            // Tell the parent once the guest has worked on past the snapshot.
+            wait_for_user_work(&capture);
+            write_atomically(&dir.join("ran-on"), b"1");
             // Keep the guest running until the parent kills this process.
             loop {
                 std::thread::sleep(Duration::from_secs(1));
@@ -560,12 +564,19 @@ fn restore_in_new_process(vcpus: u8) {
         assert!(Instant::now() < deadline, "no snapshot chain within {TIMEOUT:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The guest runs on after the snapshot; then the process dies without warning.
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        booted.try_wait().expect("poll").is_none(),
-        "boot child still running"
-    );
+    // The guest runs on after the snapshot (the child says so); then the process dies without
+    // warning.
+    let deadline = Instant::now() + TIMEOUT;
+    while !dir.path().join("ran-on").exists() {
+        if let Some(status) = booted.try_wait().expect("poll boot child") {
+            panic!("boot child ended after its snapshots: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not run on past its snapshot within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     booted.kill().expect("kill -9 the boot child");
     booted.wait().expect("reap boot child");
 

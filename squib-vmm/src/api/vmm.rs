@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use squib_machine::snapshot::{self, Target};
 use squib_machine::{Console, Machine, MachineConfig, RestoreOptions};
+use squib_snapshot::report::{ErrorChain, error_chain};
 use squib_snapshot::snapshot::{MEMORY_FILE, ParentRef, RestoreMode, STATE_FILE, SnapshotId};
 
 use super::http::{Request, Response};
@@ -183,7 +184,7 @@ impl Vmm {
             .ok_or("InstanceStart: no kernel configured (PUT /boot-source first)")?;
         let console = (self.console)().map_err(|e| format!("opening the console: {e}"))?;
         let machine = Machine::boot(&self.config, &kernel, console)
-            .map_err(|e| format!("booting {}: {e}", kernel.display()))?;
+            .map_err(|e| format!("booting {}: {}", kernel.display(), ErrorChain(&e)))?;
         self.machine = Some(machine);
         Ok(())
     }
@@ -357,7 +358,7 @@ impl Vmm {
         } else {
             Target::Full(&dir)
         };
-        let saved = snapshot::save(machine, target).map_err(|e| bad(e.to_string()))?;
+        let saved = snapshot::save(machine, target).map_err(|e| bad(error_chain(&e)))?;
         self.last_snapshot = Some((dir, saved.id));
         Ok(Response::no_content())
     }
@@ -410,7 +411,7 @@ impl Vmm {
             (Some(_), Some(_)) => return Err(bad("give at most one of mem_file_path and mem_backend")),
         };
         let dir = snapshot_dir(&b.snapshot_path, mem_path)?;
-        let loaded = snapshot::load(&dir, RestoreMode::Lazy).map_err(|e| bad(e.to_string()))?;
+        let loaded = snapshot::load(&dir, RestoreMode::Lazy).map_err(|e| bad(error_chain(&e)))?;
         let console = (self.console)().map_err(|e| bad(format!("opening the console: {e}")))?;
         let vcpus = u8::try_from(loaded.state.vcpus.len()).unwrap_or(u8::MAX);
         let machine = Machine::restore(
@@ -422,7 +423,13 @@ impl Vmm {
                 track_dirty_pages,
             },
         )
-        .map_err(|e| bad(format!("loading {}: {e}", b.snapshot_path.display())))?;
+        .map_err(|e| {
+            bad(format!(
+                "loading {}: {}",
+                b.snapshot_path.display(),
+                ErrorChain(&e)
+            ))
+        })?;
         self.config.vcpus = vcpus;
         self.config.mem_size = loaded.state.mem_size;
         self.config.track_dirty_pages = track_dirty_pages;
