@@ -1,5 +1,7 @@
-//! Write seed corpora: for `state_file` and `chain_load` from real snapshots (a full, two
-//! diffs); for `machine_state` from the sections of a machine state with one and two vCPUs.
+//! Write seed corpora: for the snapshot targets from real snapshots (a full, two diffs), for
+//! `machine_state` from the sections of a machine state with one and two vCPUs, for
+//! `http_request` from the requests squib's API clients send (curl, the tests) and the framing
+//! defects the reader refuses.
 use squib_arch::{GpaRange, PageGeometry};
 use squib_snapshot::snapshot::{ChainWriter, MEMORY_FILE, STATE_FILE, SnapshotMeta};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
@@ -48,6 +50,13 @@ fn main() {
         )
         .expect("seed");
     }
+    std::fs::create_dir_all(out.join("http_request")).expect("corpus");
+    for (i, request) in HTTP_SEEDS.iter().enumerate() {
+        // The first byte picks the reader's buffer size (see the target).
+        let mut seed = vec![u8::try_from(i * 7 % 64).expect("small")];
+        seed.extend_from_slice(request);
+        std::fs::write(out.join("http_request").join(format!("seed-{i}")), seed).expect("seed");
+    }
     println!("seeds written to {}", out.display());
 }
 
@@ -90,3 +99,16 @@ fn machine_state(n: u32) -> squib_machine::MachineState {
         },
     }
 }
+/// Requests as squib's API clients send them, and one of each framing defect.
+const HTTP_SEEDS: [&[u8]; 10] = [
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n",
+    b"PUT /machine-config HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 65\r\n\r\n{\"vcpu_count\": 2, \"mem_size_mib\": 512, \"track_dirty_pages\": true}",
+    b"PUT /snapshot/create HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 57\r\n\r\n{\"snapshot_type\": \"Diff\", \"snapshot_path\": \"/s/d1/state\"}",
+    b"PATCH /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\": \"Paused\"}GET /machine-config?x=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET http://localhost/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"PUT /vm HTTP/1.1\r\nContent-Length : 2\r\n\r\n{}",
+    b"PUT /vm HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 2\r\n\r\n{}",
+    b"PUT /vm HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+    b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"GET /vm\r\n\r\n",
+    b"PUT /vm HTTP/1.1\nContent-Length: 2\nX-Folded: a\n b\n\n{}",
+];
