@@ -305,7 +305,10 @@ pub fn save_live_diff(
     at_pause: impl FnOnce(),
 ) -> Result<LiveSave, MachineSnapshotError> {
     let t = std::time::Instant::now();
-    machine.pause();
+    if let Err(e) = machine.pause() {
+        machine.resume();
+        return Err(e.into());
+    }
     at_pause();
     if chain.leaf().is_none() {
         let saved = save(machine, Target::Chain(chain));

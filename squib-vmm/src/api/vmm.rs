@@ -364,7 +364,12 @@ impl Vmm {
         let b: VmBody = body(req)?;
         let machine = self.running("PATCH /vm")?;
         match b.state.as_str() {
-            "Paused" => machine.pause(),
+            "Paused" => machine.pause().map_err(|e| {
+                bad(format!(
+                    "pausing the guest: {}",
+                    squib_snapshot::report::ErrorChain(&e)
+                ))
+            })?,
             "Resumed" => machine.resume(),
             other => return Err(bad(format!("state {other:?}: expected Paused or Resumed"))),
         }
