@@ -19,10 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let devices: Vec<Section> = [VM_SECTION, COM1_SECTION]
         .iter()
         .zip(devices)
-        .map(|(name, d)| Section {
-            name: (*name).to_owned(),
-            data: d.to_vec(),
-        })
+        .map(|(name, d)| Section { name: (*name).to_owned(), data: d.to_vec() })
         .collect();
     if let Ok(state) = MachineState::from_sections(&vcpus, &devices) {
         let bytes = state.to_bytes();

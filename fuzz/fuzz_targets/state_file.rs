@@ -19,10 +19,6 @@ fuzz_target!(|data: &[u8]| {
 fn check(bytes: &[u8]) {
     if let Ok(state) = SnapshotState::decode(bytes) {
         let again = state.encode().expect("an accepted state re-encodes");
-        assert_eq!(
-            SnapshotState::decode(&again).as_ref(),
-            Ok(&state),
-            "round trip changed the state"
-        );
+        assert_eq!(SnapshotState::decode(&again).as_ref(), Ok(&state), "round trip changed the state");
     }
 }

@@ -13,26 +13,15 @@ fn main() {
         (GuestAddress(0x10_0000), 0x4000),
     ])
     .expect("memory");
-    mem.write_slice(&[0x5A; 0x1800], GuestAddress(0x800))
-        .expect("write");
+    mem.write_slice(&[0x5A; 0x1800], GuestAddress(0x800)).expect("write");
     let mut meta = SnapshotMeta::new("soft", PageGeometry::X86_64);
     meta.vcpus = vec![vec![1, 2, 3]];
     let mut w = ChainWriter::create(tmp.path()).expect("chain");
     let mut dirs = vec![w.save(&mem, &[], &meta).expect("full").path];
-    mem.write_slice(&[0xA5; 0x10], GuestAddress(0x3000))
-        .expect("write");
-    dirs.push(
-        w.save(&mem, &[GpaRange::new(0x3000, 0x1000).unwrap()], &meta)
-            .expect("diff")
-            .path,
-    );
-    mem.write_slice(&[0x11; 0x10], GuestAddress(0x10_1000))
-        .expect("write");
-    dirs.push(
-        w.save(&mem, &[GpaRange::new(0x10_1000, 0x1000).unwrap()], &meta)
-            .expect("diff")
-            .path,
-    );
+    mem.write_slice(&[0xA5; 0x10], GuestAddress(0x3000)).expect("write");
+    dirs.push(w.save(&mem, &[GpaRange::new(0x3000, 0x1000).unwrap()], &meta).expect("diff").path);
+    mem.write_slice(&[0x11; 0x10], GuestAddress(0x10_1000)).expect("write");
+    dirs.push(w.save(&mem, &[GpaRange::new(0x10_1000, 0x1000).unwrap()], &meta).expect("diff").path);
 
     let mut members = Vec::new();
     for d in &dirs {
@@ -76,33 +65,15 @@ fn machine_state(n: u32) -> squib_machine::MachineState {
     use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_regs};
     use squib_machine::state::{MachineState, STATE_VERSION, VcpuState};
     let vcpu = |i: u32| VcpuState {
-        cpuid: vec![
-            kvm_cpuid_entry2 {
-                function: 1,
-                eax: i,
-                ..Default::default()
-            };
-            2
-        ],
+        cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: i, ..Default::default() }; 2],
         mp_state: Default::default(),
-        regs: kvm_regs {
-            rip: 0x10_0000,
-            rsp: 0x8000,
-            ..Default::default()
-        },
+        regs: kvm_regs { rip: 0x10_0000, rsp: 0x8000, ..Default::default() },
         sregs: Default::default(),
         xsave: vec![0; 1024],
         xcrs: Default::default(),
         debug_regs: Default::default(),
         lapic: Default::default(),
-        msrs: vec![
-            kvm_msr_entry {
-                index: 0x10,
-                data: 1 << 40,
-                ..Default::default()
-            };
-            3
-        ],
+        msrs: vec![kvm_msr_entry { index: 0x10, data: 1 << 40, ..Default::default() }; 3],
         events: Default::default(),
     };
     MachineState {
