@@ -229,19 +229,26 @@ struct JobHasher {
     hasher: Xxh3,
     len: u64,
     zero: bool,
+    /// Off when the caller needs no checksum of what it writes (an in-place merge hashes whole
+    /// blocks itself).
+    enabled: bool,
 }
 
 impl JobHasher {
-    fn new(len: u64) -> Self {
+    fn new(len: u64, enabled: bool) -> Self {
         Self {
             hasher: Xxh3::new(),
             len,
             zero: false,
+            enabled,
         }
     }
 
     /// Feed the next chunk; `all_zero` when the caller has found it all zero.
     fn update(&mut self, chunk: &[u8], all_zero: bool) {
+        if !self.enabled {
+            return;
+        }
         if all_zero && chunk.len() as u64 == self.len {
             self.zero = true;
         } else {
@@ -275,6 +282,8 @@ struct MemoryWriter<'a> {
     file: &'a File,
     path: &'a Path,
     io: &'a dyn SnapshotIo,
+    /// Whether to checksum each job (else its hash is 0).
+    hash: bool,
 }
 
 /// Copy one chunk out of guest memory.
@@ -312,7 +321,7 @@ impl MemoryWriter<'_> {
         let mut hashes = Vec::with_capacity(jobs.len());
         let mut written = 0;
         for job in jobs {
-            let mut hasher = JobHasher::new(job.len);
+            let mut hasher = JobHasher::new(job.len, self.hash);
             let mut done = 0u64;
             while done < job.len {
                 let n = usize::try_from((job.len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
@@ -360,7 +369,7 @@ impl MemoryWriter<'_> {
             let produced = (|| -> Result<Vec<u64>, SnapshotError> {
                 let mut hashes = Vec::with_capacity(jobs.len());
                 for job in jobs {
-                    let mut hasher = JobHasher::new(job.len);
+                    let mut hasher = JobHasher::new(job.len, self.hash);
                     let mut done = 0u64;
                     while done < job.len {
                         // A closed channel means the writer failed: its error is reported below.
@@ -689,6 +698,7 @@ fn write_snapshot(
             file: &file,
             path,
             io,
+            hash: true,
         };
         let (hashes, written) = w.copy_all(mem, &jobs, kind == SnapshotKind::Full, progress)?;
         let trailer = MemoryTrailer { id, layout_bytes }.encode();
@@ -992,6 +1002,7 @@ pub fn merge_in_place(
                 file: &file,
                 path: mem_path,
                 io,
+                hash: false,
             };
             let (_, written) = w.copy_all(mem, &jobs, false, &mut |_| {}).map_err(changed)?;
             file.sync_data()
