@@ -60,11 +60,13 @@ pub mod mptable;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{
     CpuId, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQCHIP_IOAPIC,
@@ -138,6 +140,19 @@ pub enum MachineError {
     /// The state does not fit the memory or machine it is restored into.
     #[error("machine state does not match: {0}")]
     StateMismatch(String),
+    /// Some vCPUs did not stop within the time allowed.
+    #[error(
+        "{stopped} of {total} vCPUs stopped within {waited:?}; the others are held inside KVM_RUN \
+         (blocked on a page fault nobody serves, for instance) and stop when they return"
+    )]
+    NotStopped {
+        /// vCPUs parked or ended in time.
+        stopped: usize,
+        /// vCPUs of the machine.
+        total: usize,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A vCPU thread could not be started.
     #[error("starting vCPU thread {index}")]
     Thread {
@@ -272,7 +287,8 @@ pub fn copy_memory(src: &GuestMemory) -> Result<GuestMemory, MachineError> {
 /// Dropping it stops the vCPU threads.
 pub struct Machine {
     // Field order is drop order: threads end (in Drop) before the VM, the VM
-    // before the memory it maps.
+    // before the memory it maps; the page server's watcher stops first of all.
+    watch: Option<uffd::Watch>,
     handles: Vec<JoinHandle<()>>,
     control: Arc<Control>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
@@ -418,6 +434,31 @@ impl Machine {
         Ok(machine)
     }
 
+    /// As [`Machine::restore`], over memory a page-fault handler serves
+    /// ([`uffd::UffdMemory::handshake`]). The machine keeps the handler's connection and its own
+    /// copy of the userfaultfd for its whole life, and watches the connection: if the handler
+    /// hangs up, the machine records the failure and stops for good (see [`uffd`]).
+    ///
+    /// # Errors
+    /// As [`Machine::restore`]; also [`MachineError::Thread`] if the watcher cannot start.
+    pub fn restore_served(
+        state: &MachineState,
+        served: uffd::ServedMemory,
+        console: Console,
+        options: RestoreOptions,
+    ) -> Result<Self, MachineError> {
+        let uffd::ServedMemory { memory, server } = served;
+        let mut machine = Self::restore(state, memory, console, options)?;
+        let halter = vcpu::Halter::new(Arc::clone(&machine.control), &machine.handles);
+        machine.watch = Some(
+            uffd::Watch::start(server, halter).map_err(|source| MachineError::Thread {
+                index: machine.handles.len(),
+                source,
+            })?,
+        );
+        Ok(machine)
+    }
+
     fn start(
         kvm: Kvm,
         vm: VmFd,
@@ -437,6 +478,7 @@ impl Machine {
         };
         let control = Arc::new(Control::new(want));
         let mut machine = Self {
+            watch: None,
             handles: Vec::new(),
             control,
             vcpus,
@@ -506,9 +548,42 @@ impl Machine {
         vcpu::stop_all(&self.control, &self.handles, Want::Pause);
     }
 
-    /// Let paused vCPUs run on.
+    /// As [`Machine::pause`], waiting at most `limit`. A vCPU held inside `KVM_RUN` (blocked on
+    /// a page fault that nobody serves: a kernel-mode fault on guest memory waits through
+    /// signals) cannot park; the pause stays requested and it parks when it returns.
+    ///
+    /// # Errors
+    /// [`MachineError::NotStopped`] saying how many vCPUs parked within `limit`.
+    pub fn pause_within(&self, limit: Duration) -> Result<(), MachineError> {
+        vcpu::stop_all_within(&self.control, &self.handles, Want::Pause, Some(limit)).map_err(|stopped| {
+            MachineError::NotStopped {
+                stopped,
+                total: self.handles.len(),
+                waited: limit,
+            }
+        })
+    }
+
+    /// Let paused vCPUs run on (a machine stopped by [`Machine::halt`] or by a failure of its
+    /// page server stays stopped).
     pub fn resume(&self) {
         vcpu::resume_all(&self.control);
+    }
+
+    /// Stop the vCPUs for good (after a failure, say): they leave `KVM_RUN` and their threads
+    /// end; the machine never runs guest code again. Waits at most `limit` for the threads to
+    /// end (a thread held inside `KVM_RUN` ends when it returns; the request stays).
+    ///
+    /// # Errors
+    /// [`MachineError::NotStopped`] saying how many vCPU threads ended within `limit`.
+    pub fn halt_within(&self, limit: Duration) -> Result<(), MachineError> {
+        vcpu::stop_all_within(&self.control, &self.handles, Want::Stop, Some(limit)).map_err(|stopped| {
+            MachineError::NotStopped {
+                stopped,
+                total: self.handles.len(),
+                waited: limit,
+            }
+        })
     }
 
     /// Capture the complete machine state (memory excepted). The machine must be paused.
@@ -552,6 +627,10 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        // The watcher kicks vCPU threads by pthread id: it must be gone before they are joined.
+        if let Some(w) = self.watch.as_mut() {
+            w.stop();
+        }
         vcpu::stop_all(&self.control, &self.handles, Want::Stop);
         for h in self.handles.drain(..) {
             let _ = h.join();

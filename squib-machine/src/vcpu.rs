@@ -79,6 +79,75 @@ impl Control {
         s.exited += 1;
         self.cv.notify_all();
     }
+
+    /// Record `why` as the machine's failure (unless one is recorded already) and ask every
+    /// vCPU to stop for good.
+    fn fail_and_stop(&self, why: String) {
+        let mut s = self.state.lock();
+        s.failure.get_or_insert(why);
+        s.want = Want::Stop;
+        self.cv.notify_all();
+    }
+}
+
+/// Stops a machine's vCPUs from a thread that does not own them (a watcher of something the
+/// guest depends on): records a failure, asks for [`Want::Stop`] and kicks the threads.
+///
+/// It holds the threads' `pthread_t`s, so whoever owns the [`JoinHandle`]s must not join them
+/// while a `Halter` may still kick (the machine stops its watchers before joining its vCPUs).
+#[derive(Debug)]
+pub struct Halter {
+    control: Arc<Control>,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl Halter {
+    /// A halter for the threads of `handles`, which `control` rules.
+    #[must_use]
+    pub fn new(control: Arc<Control>, handles: &[JoinHandle<()>]) -> Self {
+        use std::os::unix::thread::JoinHandleExt;
+        Self {
+            control,
+            threads: handles.iter().map(JoinHandleExt::as_pthread_t).collect(),
+        }
+    }
+
+    /// Record `why` as the machine's failure and ask every vCPU to stop (does not wait).
+    pub fn fail(&self, why: String) {
+        self.control.fail_and_stop(why);
+    }
+
+    /// Kick the vCPU threads until all have ended (`true`), `limit` has passed (`false`), or
+    /// `cancel` becomes readable (`false`).
+    pub fn kick_until_stopped(&self, limit: Duration, cancel: &impl std::os::fd::AsFd) -> bool {
+        let start = std::time::Instant::now();
+        let mut s = self.control.state.lock();
+        loop {
+            if s.exited >= self.threads.len() {
+                return true;
+            }
+            if start.elapsed() >= limit || readable(cancel) {
+                return false;
+            }
+            drop(s);
+            for &t in &self.threads {
+                // SAFETY: `t` is the pthread of a vCPU thread that has not been joined (see the
+                // type's docs), so it names a live or exited-but-unjoined thread, for which
+                // pthread_kill is defined; the kick handler does nothing.
+                unsafe {
+                    libc::pthread_kill(t, kick_signal());
+                }
+            }
+            s = self.control.state.lock();
+            let _ = self.control.cv.wait_for(&mut s, Duration::from_millis(2));
+        }
+    }
+}
+
+fn readable(fd: &impl std::os::fd::AsFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    matches!(poll(&mut fds, Some(&Timespec::default())), Ok(n) if n > 0)
 }
 
 /// The devices a vCPU exit can reach.
@@ -219,18 +288,44 @@ fn run(vcpu: &Mutex<VcpuFd>, control: &Control, devices: &Devices) {
 
 /// Ask every vCPU to leave `KVM_RUN` for `want` ([`Want::Pause`] or [`Want::Stop`]) and
 /// wait until all live threads have parked or ended.
+///
+/// [`Want::Stop`] is final: once asked for, a later pause leaves it in place (and waits for the
+/// threads to end) and [`resume_all`] does nothing, so a stopped machine never runs again.
 pub fn stop_all(control: &Control, handles: &[JoinHandle<()>], want: Want) {
+    // Without a limit the wait ends only when every thread has settled.
+    let _ = stop_all_within(control, handles, want, None);
+}
+
+/// As [`stop_all`], but wait at most `limit`: returns how many threads had settled (parked or
+/// ended) when it gave up, or `Ok(())` when all had. The request stays in place: a thread that
+/// is held inside `KVM_RUN` (blocked on a page fault nobody serves, say) keeps its pending kick
+/// and settles as soon as it returns.
+///
+/// # Errors
+/// The number of threads settled, when the limit passed first.
+pub fn stop_all_within(
+    control: &Control,
+    handles: &[JoinHandle<()>],
+    want: Want,
+    limit: Option<Duration>,
+) -> Result<(), usize> {
+    let start = std::time::Instant::now();
     let n = handles.len();
     let mut s = control.state.lock();
-    s.want = want;
+    if s.want != Want::Stop {
+        s.want = want;
+    }
     control.cv.notify_all();
     loop {
         let settled = match want {
-            Want::Pause => s.parked + s.exited >= n,
-            _ => s.exited >= n,
+            Want::Pause => s.parked + s.exited,
+            _ => s.exited,
         };
-        if settled {
-            return;
+        if settled >= n {
+            return Ok(());
+        }
+        if limit.is_some_and(|l| start.elapsed() >= l) {
+            return Err(settled);
         }
         drop(s);
         for h in handles {
@@ -244,9 +339,12 @@ pub fn stop_all(control: &Control, handles: &[JoinHandle<()>], want: Want) {
     }
 }
 
-/// Let parked vCPUs run again.
+/// Let parked vCPUs run again (unless the machine has been stopped for good).
 pub fn resume_all(control: &Control) {
     let mut s = control.state.lock();
+    if s.want == Want::Stop {
+        return;
+    }
     s.want = Want::Run;
     control.cv.notify_all();
 }
