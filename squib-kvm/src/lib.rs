@@ -24,6 +24,8 @@ pub mod guest;
 #[cfg(target_os = "linux")]
 pub mod layout;
 #[cfg(target_os = "linux")]
+pub mod pause;
+#[cfg(target_os = "linux")]
 pub mod runner;
 #[cfg(target_os = "linux")]
 pub mod threads;

@@ -181,3 +181,33 @@ fn idle_and_hotspot(written: &dyn Fn(&[u64]) -> Vec<u64>) {
     assert_eq!(writes, 0);
     assert!(written(&words).is_empty(), "idle wrote guest memory");
 }
+
+#[test]
+fn test_should_keep_guest_ram_mapped_while_any_vcpu_runs() {
+    if !kvm_or_skip("test_should_keep_guest_ram_mapped_while_any_vcpu_runs") {
+        return;
+    }
+    let cfg = VmConfig {
+        layout: split_layout(),
+        vcpus: 2,
+        tracking: Tracking::DirtyLog,
+    };
+    let (mut vm, backend) = KvmVm::new(&cfg).unwrap();
+    let ram = std::sync::Arc::downgrade(vm.ram());
+    let w: Workload = "seq:seed=5".parse().unwrap();
+    let workers = vm.start(&w).unwrap();
+    // Drop every owner of the VM but the running vCPUs: their memslots still point at RAM.
+    drop(backend);
+    drop(vm);
+    assert!(
+        ram.upgrade().is_some(),
+        "guest RAM was unmapped while vCPUs of its VM still ran"
+    );
+    let n = workers.writes();
+    wait_for("the vCPUs to write on after their VM's owner was dropped", || {
+        workers.writes() > n + 256
+    });
+    assert!(!workers.any_exited(), "a vCPU thread ended");
+    drop(workers);
+    assert!(ram.upgrade().is_none(), "guest RAM outlived every fd of its VM");
+}

@@ -80,7 +80,9 @@ pub enum MachineSnapshotError {
     },
     /// A diff was to be loaded over memory a page-fault handler serves.
     #[error(
-        "{path}: a Diff snapshot; its memory is spread over its chain's memory files, and a          page-fault handler is told about one file (load it with backend_type File, which          applies the chain, or merge the chain into a Full snapshot first)"
+        "{path}: a Diff snapshot; its memory is spread over its chain's memory files, and a \
+         page-fault handler is told about one file (load it with backend_type File, which \
+         applies the chain, or merge the chain into a Full snapshot first)"
     )]
     NeedsChain {
         /// The state file.
@@ -356,7 +358,10 @@ pub fn save_live_diff(
     at_pause: impl FnOnce(),
 ) -> Result<LiveSave, MachineSnapshotError> {
     let t = std::time::Instant::now();
-    machine.pause();
+    if let Err(e) = machine.pause() {
+        machine.resume();
+        return Err(e.into());
+    }
     at_pause();
     if chain.leaf().is_none() {
         let saved = save(machine, Target::Chain(chain));

@@ -34,14 +34,20 @@
 //! docs suggest the handler kill Firecracker when it fails). Squib watches the connection: the
 //! handshake's socket stays open on both sides for as long as the handler serves (Firecracker's
 //! example handlers keep it), so a hang-up is the handler's end. The watcher then records the
-//! failure, stops the vCPUs (a vCPU blocked on a fault inside `KVM_RUN` is interrupted by the
-//! kick signal on kernels whose KVM faults wait interruptibly, as this host's do), and, once they
-//! have stopped (or after [`KICK_GRACE`]), unregisters the ranges: that wakes every thread still
-//! blocked on a fault (an older kernel's vCPU, or squib's own thread copying memory into a
-//! snapshot) and lets it finish on zero pages. The machine never runs again, and a snapshot taken
-//! across the failure is discarded (`snapshot::save` checks the failure after writing). A handler
-//! that closes its end of the connection but keeps serving is therefore taken for dead: keep the
-//! socket open while serving.
+//! failure and stops the vCPUs. A vCPU blocked on a fault that KVM's MMU takes in user context
+//! waits interruptibly and leaves `KVM_RUN` on the kick signal; one blocked on a fault taken in
+//! kernel mode (KVM's instruction emulator reading guest memory, which is how PVM runs guest
+//! kernel code on this host) waits through every signal but a fatal one. So once the vCPUs have
+//! stopped, or after [`KICK_GRACE`], the watcher unregisters the ranges: that wakes every thread
+//! still blocked on a fault (such a vCPU, or squib's own thread copying memory into a snapshot)
+//! and lets it finish on zero pages; the kick still pending makes the vCPU leave `KVM_RUN` before
+//! it enters the guest again. The machine never runs again, and a snapshot taken across the
+//! failure is discarded (`snapshot::save` checks the failure after writing). A handler that
+//! closes its end of the connection but keeps serving is therefore taken for dead: keep the
+//! socket open while serving. (A handler that stays connected but stops serving holds the
+//! blocked vCPUs; a pause then cannot complete, and [`Machine::pause`] says so within its bound.)
+//!
+//! [`Machine::pause`]: crate::Machine::pause
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -59,8 +65,9 @@ use squib_snapshot::snapshot::RegionLayout;
 use userfaultfd::{FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
+use squib_kvm::pause::{Kick, Rendezvous};
+
 use super::GuestMemory;
-use super::vcpu::Halter;
 
 /// How long [`UffdMemory::handshake`] waits for the handler to accept and read the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -476,6 +483,65 @@ impl PageServer {
     }
 }
 
+/// Stops a machine's vCPUs from the watcher thread, which does not own them: records the
+/// failure, asks for a final stop, and kicks the threads.
+///
+/// It holds the threads' `pthread_t`s, so the machine stops its watcher before it joins (or
+/// leaves behind) any vCPU thread.
+#[derive(Debug)]
+pub(crate) struct Halter {
+    control: Arc<Rendezvous>,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl Halter {
+    /// A halter for the threads of `handles`, which `control` rules.
+    pub(crate) fn new(control: Arc<Rendezvous>, handles: &[JoinHandle<()>]) -> Self {
+        use std::os::unix::thread::JoinHandleExt;
+        Self {
+            control,
+            threads: handles.iter().map(JoinHandleExt::as_pthread_t).collect(),
+        }
+    }
+
+    /// Record `why` as the machine's failure, ask every vCPU to stop for good, and kick them.
+    fn fail(&self, why: String) {
+        self.control.halt(why);
+        self.kick();
+    }
+
+    fn kick(&self) {
+        for &t in &self.threads {
+            Kick::kick(t);
+        }
+    }
+
+    /// Wait until every vCPU thread has ended (`true`), `limit` has passed or `cancel` became
+    /// readable (`false`), kicking again each slice (a kick is cheap; threads that ended are
+    /// joined only after the watcher stops, so their ids stay valid).
+    fn wait_stopped(&self, limit: Duration, cancel: &impl AsFd) -> bool {
+        let start = Instant::now();
+        loop {
+            if self
+                .control
+                .wait_settled(self.threads.len(), Duration::from_millis(20))
+                .is_ok()
+            {
+                return true;
+            }
+            if start.elapsed() >= limit || readable(cancel) {
+                return false;
+            }
+            self.kick();
+        }
+    }
+}
+
+fn readable(fd: &impl AsFd) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    matches!(poll(&mut fds, Some(&rustix::event::Timespec::default())), Ok(n) if n > 0)
+}
+
 /// The thread that watches a page server for the machine, and how to stop it.
 #[derive(Debug)]
 pub(crate) struct Watch {
@@ -519,16 +585,16 @@ fn watch(server: &PageServer, halter: &Halter, stop: &OwnedFd) {
     );
     tracing::error!("{why}");
     halter.fail(why);
-    let stopped = halter.kick_until_stopped(KICK_GRACE, stop);
+    let stopped = halter.wait_stopped(KICK_GRACE, stop);
     if !stopped {
         tracing::warn!(
             "vCPUs still blocked on unserved page faults after {KICK_GRACE:?}: unregistering guest memory to free them"
         );
     }
-    // Every thread still blocked on a fault (a vCPU on an older kernel, or squib's own thread
+    // Every thread still blocked on a fault (a vCPU in a kernel-mode fault, or squib's own thread
     // copying memory into a snapshot) resumes; the machine never runs guest code again.
     server.release();
     if !stopped {
-        halter.kick_until_stopped(Duration::MAX, stop);
+        halter.wait_stopped(Duration::MAX, stop);
     }
 }

@@ -112,7 +112,7 @@ fn capture_and_restore_in_process(vcpus: u8) {
     }
     let (machine, capture) = boot(vcpus);
     wait_for_counter(&machine, &capture, 2);
-    machine.pause();
+    machine.pause().expect("pause");
     let state = machine.capture().expect("capture");
     let memory = copy_memory(machine.memory()).expect("copy memory");
     // The console up to the pause, possibly ending in the middle of a line.
@@ -144,6 +144,59 @@ fn capture_and_restore_in_process(vcpus: u8) {
 }
 
 #[test]
+fn test_should_park_every_vcpu_on_one_kick_per_pause_again_and_again() {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
+        return;
+    }
+    // Each pause sends one signal per vCPU; its handler sets immediate_exit, so a kick that lands
+    // before KVM_RUN is entered still ends it. A lost kick would leave pause waiting until its
+    // deadline and fail here, where many pauses race the guest's own exits (timer, serial).
+    let (machine, capture) = boot(2);
+    wait_for_counter(&machine, &capture, 1);
+    for i in 0..300 {
+        if let Err(e) = machine.pause() {
+            panic!("pause {i}: {e}");
+        }
+        assert!(machine.is_paused());
+        machine.resume();
+    }
+    let n = parse(&capture.text()).last().map_or(0, |l| l.counter);
+    let lines = wait_for_counter(&machine, &capture, n + 2);
+    assert_consistent(&lines, 2);
+    assert_eq!(machine.failure(), None);
+}
+
+#[test]
+fn test_should_refuse_an_xsave_area_larger_than_this_hosts_kvm_takes() {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
+        return;
+    }
+    let (machine, capture) = boot(1);
+    wait_for_counter(&machine, &capture, 1);
+    machine.pause().expect("pause");
+    let mut state = machine.capture().expect("capture");
+    let memory = copy_memory(machine.memory()).expect("copy memory");
+    drop(machine);
+    // KVM's area is at least the 4 KiB kvm_xsave; this host's KVM_CAP_XSAVE2 size is what was
+    // captured. A state from a host with a larger area (AMX enabled, say) must be refused by
+    // size, not copied past the end of the buffer KVM reads.
+    let words = state.vcpus[0].xsave.len();
+    assert!(
+        words >= 1024,
+        "captured XSAVE area of {words} words, below kvm_xsave's 1024"
+    );
+    state.vcpus[0].xsave.resize(words + 2816, 0);
+    let err = match Machine::restore(&state, memory, Console::new(), RestoreOptions::default()) {
+        Ok(_) => panic!("restored an XSAVE area larger than this host's"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("XSAVE area of") && err.contains(&(words * 4).to_string()),
+        "{err}"
+    );
+}
+
+#[test]
 fn test_should_continue_guest_counter_and_checksum_after_in_process_restore() {
     capture_and_restore_in_process(1);
 }
@@ -160,7 +213,7 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
     }
     let (machine, capture) = boot(1);
     wait_for_counter(&machine, &capture, 1);
-    machine.pause();
+    machine.pause().expect("pause");
     let state = machine.capture().expect("capture");
     let memory = copy_memory(machine.memory()).expect("copy memory");
     let before = capture.text();
@@ -263,7 +316,7 @@ fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
 /// return the console as it was at the pause.
 fn chain_snapshot(machine: &Machine, capture: &Capture, chain: &mut ChainWriter) -> (String, SavedSnapshot) {
     wait_for_user_work(capture);
-    machine.pause();
+    machine.pause().expect("pause");
     let saved = snapshot::save(machine, Target::Chain(chain)).expect("save snapshot");
     (capture.text(), saved)
 }
@@ -358,12 +411,12 @@ fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (machine, capture) = boot(1);
     wait_for_counter(&machine, &capture, 1);
-    machine.pause();
+    machine.pause().expect("pause");
     let base_dir = dir.path().join("base");
     let base = snapshot::save(&machine, Target::Full(&base_dir)).expect("full");
     machine.resume();
     wait_for_user_work(&capture);
-    machine.pause();
+    machine.pause().expect("pause");
     let parent = ParentRef {
         id: base.id,
         dir: "base".to_owned(),
@@ -430,7 +483,7 @@ fn test_should_refuse_a_diff_of_a_machine_that_does_not_track_dirty_pages() {
         initrd: None,
     };
     let machine = Machine::boot(&config, Path::new(GUEST_KERNEL), Console::new()).expect("boot");
-    machine.pause();
+    machine.pause().expect("pause");
     let mut chain = ChainWriter::create(dir.path()).expect("chain");
     snapshot::save(&machine, Target::Chain(&mut chain)).expect("full without tracking");
     let err = snapshot::save(&machine, Target::Chain(&mut chain))

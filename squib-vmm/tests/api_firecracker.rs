@@ -796,7 +796,7 @@ fn test_should_stop_the_guest_with_an_error_when_its_page_fault_handler_dies() {
     c.ok("PUT", "/snapshot/load", &uffd_load(&base, &socket, true, false));
     let f = c.fault("PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert!(
-        f.contains("of 2 vCPUs stopped within") && f.contains("page fault"),
+        f.contains("of 2 vCPUs did not pause within") && f.contains("fault"),
         "{f}"
     );
     assert_eq!(c.get("/")["state"], "Running");

@@ -6,16 +6,17 @@
 //! `FlushMetrics`), `PATCH /vm` (`Paused`/`Resumed`), `PUT /snapshot/create`
 //! and `PUT /snapshot/load` (`mem_backend` `File` or `Uffd`), with
 //! Firecracker's body shapes and `{"fault_message": ...}` errors; the devices
-//! squib lacks answer 400 saying so (`specs/19-firecracker-api.md`). Each connection gets a thread;
-//! requests are served one at a time against one [`vmm::Vmm`], as in
-//! Firecracker, so a client never sees a half-applied change.
+//! squib lacks answer 400 saying so (`specs/19-firecracker-api.md`). A few connections are served at
+//! once, each on a thread of its own and each with a deadline ([`server`] says
+//! why and how many); requests are applied one at a time against one
+//! [`vmm::Vmm`], as in Firecracker, so a client never sees a half-applied change.
 
-pub mod http;
+pub use squib_vmm::api::http;
 pub mod metrics;
+pub mod server;
 pub mod vmm;
 
-use std::io::BufReader;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
 
-use http::{HttpError, Response, read_request_answering};
+use server::Limits;
 use vmm::Vmm;
 
 /// Removes the socket file when the server ends.
@@ -32,27 +33,6 @@ struct SocketFile(PathBuf);
 impl Drop for SocketFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn serve_connection(stream: UnixStream, vmm: &Mutex<Vmm>) {
-    let Ok(write_half) = stream.try_clone() else {
-        return;
-    };
-    let mut writer = write_half;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let response = match read_request_answering(&mut reader, &mut writer) {
-            Ok(req) => vmm.lock().handle(&req),
-            Err(HttpError::Closed | HttpError::Io(_)) => return,
-            Err(e @ HttpError::Bad(_)) => {
-                let _ = Response::fault(400, &e.to_string()).write_to(&mut writer);
-                return;
-            }
-        };
-        if response.write_to(&mut writer).is_err() {
-            return;
-        }
     }
 }
 
@@ -71,25 +51,9 @@ pub fn serve(sock: &Path, vmm: Vmm, run_for: Option<Duration>) -> anyhow::Result
     let listener = UnixListener::bind(sock).with_context(|| format!("--api-sock {}", sock.display()))?;
     let _cleanup = SocketFile(sock.to_owned());
     let vmm = Arc::new(Mutex::new(vmm));
-    // Accept on a thread of its own, blocking: a polling accept would add its polling period to
-    // every API call (a snapshot create is a few milliseconds).
     let acceptor = {
         let vmm = Arc::clone(&vmm);
-        std::thread::Builder::new()
-            .name("squib-api-accept".to_owned())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else {
-                        // EMFILE and the like: do not spin.
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    };
-                    let vmm = Arc::clone(&vmm);
-                    let _ = std::thread::Builder::new()
-                        .name("squib-api".to_owned())
-                        .spawn(move || serve_connection(stream, &vmm));
-                }
-            })
+        server::spawn(listener, Limits::default(), move |req| vmm.lock().handle(req))
             .context("starting the API accept thread")?
     };
     let started = Instant::now();

@@ -68,11 +68,6 @@ pub type ConsoleFactory = Box<dyn Fn() -> std::io::Result<Console> + Send>;
 /// How often the metrics are written without a `FlushMetrics` (Firecracker's period).
 pub const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
-/// How long `PATCH /vm` `Paused` waits for the vCPUs to park before it answers with an error
-/// (Firecracker waits 30 s for its vCPUs' answers; squib's park in milliseconds unless something
-/// holds them inside `KVM_RUN`).
-pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How long the server's housekeeping waits for a failed guest's vCPUs to end at a time.
 const HALT_WAIT: Duration = Duration::from_millis(100);
 
@@ -362,7 +357,7 @@ impl Vmm {
             && let Some(why) = m.failure()
         {
             // A vCPU held inside KVM_RUN ends when it returns; the stop request stays.
-            if let Err(e) = m.halt_within(HALT_WAIT) {
+            if let Err(e) = m.halt(HALT_WAIT) {
                 tracing::warn!("stopping the failed guest: {e}");
             }
             tracing::error!("the guest failed and was stopped (the API still answers): {why}");
@@ -698,8 +693,8 @@ impl Vmm {
         let op = match b.state {
             VmState::Paused => {
                 machine
-                    .pause_within(PAUSE_TIMEOUT)
-                    .map_err(|e| bad(format!("PATCH /vm Paused: {e}")))?;
+                    .pause()
+                    .map_err(|e| bad(format!("PATCH /vm Paused: {}", ErrorChain(&e))))?;
                 Op::Pause
             }
             VmState::Resumed => {
