@@ -11,8 +11,9 @@
 //!
 //! # The pieces
 //!
-//! - [`UffdMemory::new`] maps anonymous, unpopulated guest RAM (no page is touched, and no
-//!   transparent huge pages, so the handler sees 4 KiB faults) and registers every region with a
+//! - [`UffdMemory::new`] maps anonymous, unpopulated guest RAM (no page is touched, and it is not
+//!   advised for transparent huge pages as booted RAM is: a missing-page fault on a registered
+//!   range goes to the handler, which resolves it 4 KiB at a time) and registers every region with a
 //!   userfaultfd in `MISSING` mode. The descriptor is close-on-exec and non-blocking, reports
 //!   faults squib's own threads and KVM take in kernel mode as well as user-mode ones (KVM reads
 //!   guest memory on the vCPU's behalf), and asks for `UFFD_FEATURE_EVENT_REMOVE`, the features
@@ -76,8 +77,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// anyway (to free threads blocked on faults that a signal does not interrupt).
 pub const KICK_GRACE: Duration = Duration::from_secs(1);
 
-/// The page size the handler serves in: the host page (guest memory is plain anonymous memory,
-/// without transparent huge pages).
+/// The page size the handler serves in: the x86-64 host page (guest memory is plain anonymous
+/// memory, not hugetlbfs).
 pub const PAGE_SIZE: u64 = 4096;
 
 /// The handshake's largest body: Firecracker's example handlers read it into 1 KiB.
