@@ -155,9 +155,26 @@ impl Rendezvous {
     }
 
     /// VMM side: ask every thread for `want` (then kick them out of the guest).
+    ///
+    /// [`Want::Stop`] is final: once asked, a later request changes nothing, so threads that are
+    /// ending (or held in the kernel and ending when they return) are never sent back to park or
+    /// run.
     pub fn request(&self, want: Want) {
         let mut s = self.state.lock();
+        if s.want == Want::Stop {
+            return;
+        }
         s.want = want;
+        self.cv.notify_all();
+    }
+
+    /// VMM side: record `why` as the failure (unless one is recorded already) and ask every
+    /// thread to stop for good, from a thread that watches something the guest depends on (then
+    /// kick them out of the guest).
+    pub fn halt(&self, why: String) {
+        let mut s = self.state.lock();
+        s.failure.get_or_insert(why);
+        s.want = Want::Stop;
         self.cv.notify_all();
     }
 
@@ -304,6 +321,18 @@ mod tests {
         let e = rz.wait_settled(2, Duration::from_millis(50)).unwrap_err();
         assert_eq!((e.unsettled, e.vcpus, e.what), (2, 2, "pause"));
         assert!(e.to_string().contains("2 of 2 vCPUs did not pause"), "{e}");
+    }
+
+    #[test]
+    fn test_should_keep_a_stop_final_and_record_the_failure_that_halted() {
+        let rz = Rendezvous::new(Want::Run);
+        rz.halt("the page server hung up".to_owned());
+        rz.request(Want::Run);
+        rz.request(Want::Pause);
+        assert_eq!(rz.want(), Want::Stop);
+        rz.halt("a later reason".to_owned());
+        assert_eq!(rz.failure().as_deref(), Some("the page server hung up"));
+        assert_eq!(rz.exited(), 0, "halting counts no thread as ended");
     }
 
     #[test]

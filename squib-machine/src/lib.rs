@@ -60,6 +60,7 @@ pub mod mptable;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 
 use std::path::Path;
@@ -279,7 +280,8 @@ pub fn copy_memory(src: &GuestMemory) -> Result<GuestMemory, MachineError> {
 /// Dropping it stops the vCPU threads.
 pub struct Machine {
     // Field order is drop order: threads end (in Drop) before the VM, the VM
-    // before the memory it maps.
+    // before the memory it maps; the page server's watcher stops first of all.
+    watch: Option<uffd::Watch>,
     handles: Vec<JoinHandle<()>>,
     control: Arc<Rendezvous>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
@@ -425,6 +427,31 @@ impl Machine {
         Ok(machine)
     }
 
+    /// As [`Machine::restore`], over memory a page-fault handler serves
+    /// ([`uffd::UffdMemory::handshake`]). The machine keeps the handler's connection and its own
+    /// copy of the userfaultfd for its whole life, and watches the connection: if the handler
+    /// hangs up, the machine records the failure and stops for good (see [`uffd`]).
+    ///
+    /// # Errors
+    /// As [`Machine::restore`]; also [`MachineError::Thread`] if the watcher cannot start.
+    pub fn restore_served(
+        state: &MachineState,
+        served: uffd::ServedMemory,
+        console: Console,
+        options: RestoreOptions,
+    ) -> Result<Self, MachineError> {
+        let uffd::ServedMemory { memory, server } = served;
+        let mut machine = Self::restore(state, memory, console, options)?;
+        let halter = uffd::Halter::new(Arc::clone(&machine.control), &machine.handles);
+        machine.watch = Some(
+            uffd::Watch::start(server, halter).map_err(|source| MachineError::Thread {
+                index: machine.handles.len(),
+                source,
+            })?,
+        );
+        Ok(machine)
+    }
+
     fn start(
         kvm: Kvm,
         vm: VmFd,
@@ -444,6 +471,7 @@ impl Machine {
         };
         let control = Arc::new(Rendezvous::new(want));
         let mut machine = Self {
+            watch: None,
             handles: Vec::new(),
             control,
             vcpus,
@@ -519,9 +547,21 @@ impl Machine {
             .map_err(MachineError::NotSettled)
     }
 
-    /// Let paused vCPUs run on.
+    /// Let paused vCPUs run on (a machine stopped by [`Machine::halt`] or by a failure of its
+    /// page server stays stopped).
     pub fn resume(&self) {
         vcpu::resume_all(&self.control);
+    }
+
+    /// Stop the vCPUs for good (after a failure, say): they leave `KVM_RUN` and their threads
+    /// end; the machine never runs guest code again. Waits at most `timeout` for the threads to
+    /// end; a thread held inside `KVM_RUN` (blocked on a page fault nobody serves) ends when it
+    /// returns, since the request stays.
+    ///
+    /// # Errors
+    /// [`MachineError::NotSettled`] naming how many vCPU threads had not ended in time.
+    pub fn halt(&self, timeout: std::time::Duration) -> Result<(), MachineError> {
+        vcpu::stop_all(&self.control, &self.handles, Want::Stop, timeout).map_err(MachineError::NotSettled)
     }
 
     /// Capture the complete machine state (memory excepted). The machine must be paused.
@@ -568,6 +608,11 @@ impl Drop for Machine {
     /// kernel) is left behind rather than waited for forever; it holds the vCPU (and through the
     /// kick guard its `kvm_run`) and ends with the process.
     fn drop(&mut self) {
+        // The page server's watcher kicks vCPU threads by pthread id: it goes before any thread
+        // may be joined or left behind.
+        if let Some(w) = self.watch.as_mut() {
+            w.stop();
+        }
         if let Err(e) = vcpu::stop_all(&self.control, &self.handles, Want::Stop, PAUSE_TIMEOUT) {
             tracing::error!(error = %e, "machine dropped with vCPU threads still running");
         }

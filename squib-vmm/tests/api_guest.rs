@@ -300,8 +300,10 @@ fn test_should_refuse_a_guest_snapshot_that_is_not_one_naming_the_file() {
     );
     assert_eq!(code, 400);
     assert!(fault.contains("bogus"), "{fault}");
-    let (code, _) = s.call("GET", "/nowhere", "");
-    assert_eq!(code, 404);
+    // An unknown path is a 400, as in Firecracker.
+    let (code, fault) = s.call("GET", "/nowhere", "");
+    assert_eq!(code, 400);
+    assert!(fault.contains("Invalid request method and/or path"), "{fault}");
 }
 
 /// The counter the guest printed last in `console`.

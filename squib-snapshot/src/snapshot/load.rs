@@ -312,8 +312,13 @@ fn open_regular(path: &Path) -> Result<File, SnapshotError> {
     File::open(path).map_err(SnapshotError::io(path, "open"))
 }
 
-/// Read and decode a state file, refusing one above the cap before reading it.
-fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
+/// Read, decode and validate one state file alone (no memory file, no chain), refusing one above
+/// the cap before reading it. For callers that hand the memory to someone else, such as a
+/// page-fault handler.
+///
+/// # Errors
+/// A [`SnapshotError`] naming the file: not a regular file, too large, or not a valid state.
+pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
     let f = open_regular(path)?;
     let len = f.metadata().map_err(SnapshotError::io(path, "stat"))?.len();
     if len > MAX_STATE_FILE {
