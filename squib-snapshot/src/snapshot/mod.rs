@@ -5,11 +5,13 @@
 //! hands them to a writer closure; everything about *how* they persist — formats, atomicity,
 //! validation of hostile files — lives here and never touches tracking state. A failed save
 //! returns an error, the tracker folds its drained units back, and nothing at the destination has
-//! changed, because a snapshot directory only appears by one `rename` after everything in it has
-//! been written and synced.
+//! changed: a snapshot directory only appears by one `rename` after everything in it has been
+//! written and synced, and two files anywhere become loadable only when the state file, written
+//! after the memory file is durable, is complete (see [`save`]).
 //!
-//! Why every loader validates everything first: a snapshot directory is input from disk, maybe
-//! from another machine. Every count, offset and length in a state file is checked against the
+//! Why every loader validates everything first: a snapshot is input from disk, maybe from another
+//! machine, and its state file names other files (its memory, its parent) that may have moved,
+//! been swapped or been overwritten since. Every count, offset and length in a state file is checked against the
 //! layout (and the memory file's real length) before any guest memory is allocated or written,
 //! and every extent's bytes are checked against their xxh3 as they are read.
 //!

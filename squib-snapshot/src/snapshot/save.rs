@@ -1,4 +1,5 @@
-//! Writing one snapshot directory atomically.
+//! Writing one snapshot atomically and durably: squib's directory, two files anywhere
+//! (Firecracker's paths), or a diff merged in place into its base's memory file.
 //!
 //! Why the bounce buffer: a live checkpoint copies guest memory while vCPUs run (the tracker has
 //! re-protected the pages, but the guest may fault them writable again and write during the
@@ -7,15 +8,21 @@
 //! the copy is dirty again and lands in the next diff. The chunk (256 KiB) stays in cache between
 //! the copy, the hash and the `pwrite`.
 //!
-//! Why temp-then-rename: the directory appears under its final name by one `rename` after both
-//! files and the directory itself are synced, and the parent directory is synced after the
-//! rename. Any failure before that removes the temp directory, so the destination is untouched.
-//! Where the file system lacks `RENAME_NOREPLACE` (NFS, older overlayfs), a plain `rename` takes
-//! its place; `rename_into_place` says why that still never replaces a snapshot.
+//! What a durable, atomic save needs (spec 17 §6): the memory file durable before the state file
+//! that names it can be (a lazy load maps memory unread), the state file and the names durable
+//! before returning, and a file already at a path replaced only by a `rename` of its complete
+//! successor. A squib directory appears under its final name by one `rename` after both files
+//! and the directory are synced (a chain writer appends to its newest member, which must never be
+//! seen half-written); where the file system lacks `RENAME_NOREPLACE` (NFS, older overlayfs), a
+//! plain `rename` takes its place, and `rename_into_place` says why that still never replaces a
+//! snapshot. Two files at new paths are written under their own names: a torn one is refused by
+//! every loader (its length and CRC, or a missing trailer), so a temporary name buys nothing.
+//! An in-place merge restamps the base's identity trailer, durably, before writing a guest byte
+//! into it, so the base's old state file is refused from then on (see [`merge_in_place`]).
 //!
-//! Why leftovers are swept: a process killed mid-save leaves its temp directory behind. Its name
-//! says which host and process made it, so the next save into the same directory removes the
-//! temp directories of processes of this host that no longer run, and nothing else: see
+//! Why leftovers are swept: a process killed mid-save leaves its temp directory or temp files
+//! behind. Their names say which host and process made them, so the next save into the same
+//! directory removes those of processes of this host that no longer run, and nothing else: see
 //! [`remove_leftovers`].
 
 use std::fs::File;
