@@ -4,7 +4,7 @@
 # Usage: scripts/api-snapshot-timing.sh [SQUIB] [KERNEL]   (defaults: release build, test guest)
 set -euo pipefail
 SQUIB=${1:-target/release/squib}
-KERNEL=${2:-$(ls target/release/build/squib-kvm-sim-*/out/squib-guest.elf | head -1)}
+KERNEL=${2:-$(ls target/release/build/squib-machine-*/out/squib-guest.elf | head -1)}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/squib-api-timing.XXXXXX")
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 call() { # METHOD PATH BODY -> prints seconds, fails on a non-2xx status

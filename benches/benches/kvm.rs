@@ -16,7 +16,7 @@ mod linux {
 
     use criterion::{Criterion, Throughput};
     use squib_arch::GpaRange;
-    use squib_kvm_sim::kvm::{Machine, MemoryLayout, Tracking, VmConfig};
+    use squib_kvm::{Machine, MemoryLayout, Tracking, VmConfig};
     use squib_snapshot::{Policy, TrackingConfig};
     use vm_memory::{Bytes, GuestAddress};
 
@@ -56,7 +56,7 @@ mod linux {
     }
 
     pub fn kvm(c: &mut Criterion) {
-        if !squib_kvm_sim::kvm_or_skip("kvm benches") {
+        if !squib_kvm::kvm_or_skip("kvm benches") {
             return;
         }
         let cases: [(&str, Tracking, Policy, bool); 5] = [

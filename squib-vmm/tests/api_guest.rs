@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use squib_kvm_sim::machine::GUEST_KERNEL;
-use squib_kvm_sim::machine::guest::{check, parse};
+use squib_machine::GUEST_KERNEL;
+use squib_machine::guest::{check, parse};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -135,7 +135,7 @@ fn squib(args: &[&std::ffi::OsStr]) -> String {
 
 #[test]
 fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
-    if !squib_kvm_sim::kvm_or_skip("api_guest") {
+    if !squib_kvm::kvm_or_skip("api_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -273,7 +273,7 @@ fn test_should_restore_guest_from_diff_snapshots_over_api_after_kill_9() {
 
 #[test]
 fn test_should_refuse_a_guest_snapshot_that_is_not_one_naming_the_file() {
-    if !squib_kvm_sim::kvm_or_skip("api_guest") {
+    if !squib_kvm::kvm_or_skip("api_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

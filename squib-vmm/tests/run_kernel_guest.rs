@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use squib_kvm_sim::machine::GUEST_KERNEL;
+use squib_machine::GUEST_KERNEL;
 
 fn squib() -> Command {
     Command::new(env!("CARGO_BIN_EXE_squib"))
@@ -12,7 +12,7 @@ fn squib() -> Command {
 
 #[test]
 fn test_should_boot_guest_kernel_from_the_command_line_with_console_on_stdout_and_file() {
-    if !squib_kvm_sim::kvm_or_skip("run_kernel_guest") {
+    if !squib_kvm::kvm_or_skip("run_kernel_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -76,8 +76,8 @@ fn test_should_name_the_kernel_file_that_is_not_an_elf() {
 
 #[test]
 fn test_should_write_a_chain_while_the_guest_runs_and_resume_it_with_snapshot_restore() {
-    use squib_kvm_sim::machine::guest::{check, parse};
-    if !squib_kvm_sim::kvm_or_skip("run_kernel_guest") {
+    use squib_machine::guest::{check, parse};
+    if !squib_kvm::kvm_or_skip("run_kernel_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

@@ -115,7 +115,7 @@ fn test_should_write_a_restorable_chain_from_a_soft_run() {
 
 #[test]
 fn test_should_write_a_restorable_chain_from_a_kvm_run() {
-    if !squib_kvm_sim::kvm_or_skip("run_snapshots") {
+    if !squib_kvm::kvm_or_skip("run_snapshots") {
         return;
     }
     check_chain(&[

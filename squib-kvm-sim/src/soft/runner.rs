@@ -154,7 +154,7 @@ pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport
     }
     // Every workload is built before any thread starts, so a bad parameter fails the run cleanly.
     let workloads = (0..cfg.vcpus)
-        .map(|i| cfg.workload.build(cfg.mem, i, cfg.vcpus))
+        .map(|i| crate::workload::stream(&cfg.workload, cfg.mem, i, cfg.vcpus))
         .collect::<Result<Vec<_>, _>>()?;
     let len = usize::try_from(cfg.mem).map_err(|_| RunError::Memory {
         mem: cfg.mem,

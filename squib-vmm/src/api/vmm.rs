@@ -26,8 +26,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use squib_kvm_sim::machine::snapshot::{self, Target};
-use squib_kvm_sim::machine::{Console, Machine, MachineConfig, RestoreOptions};
+use squib_machine::snapshot::{self, Target};
+use squib_machine::{Console, Machine, MachineConfig, RestoreOptions};
 use squib_snapshot::snapshot::{MEMORY_FILE, ParentRef, RestoreMode, STATE_FILE, SnapshotId};
 
 use super::http::{Request, Response};

@@ -100,35 +100,17 @@ impl RunArgs {
     }
 }
 
-/// Parse a byte size: a number with an optional K, M, G or T suffix (binary units).
+/// Parse a flag's byte size with [`squib_arch::spec::parse_size`] (binary units K, M, G, T);
+/// a flag's size must be above zero.
 ///
 /// # Errors
 /// A message naming the value and what is wrong.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let unit = t[i..].trim_end_matches(['B', 'b', 'i']);
-            let m = match unit.to_ascii_uppercase().as_str() {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("size {s:?}: unknown unit (use K, M, G or T)")),
-            };
-            (&t[..i], m)
-        }
-    };
-    let n: u64 = num.parse().map_err(|_| format!("size {s:?}: not a number"))?;
-    let v = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?}: too large"))?;
-    if v == 0 {
-        return Err(format!("size {s:?}: must be above zero"));
+    match squib_arch::spec::parse_size(s) {
+        Ok(0) => Err(format!("size {s:?}: must be above zero")),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(v)
 }
 
 /// Parse a duration such as `200ms`, `2s`, `1m`.

@@ -5,6 +5,7 @@
 //! equals guest memory, so a summary that says "verified" means no write was lost. Elsewhere than
 //! Apple Silicon the command refuses at once, before looking at the other flags.
 
+use squib_arch::spec::NamedSpec;
 use squib_hvf::workload::{self, CheckpointRecord, RunReport, StoreLoopRun};
 
 use super::CmdResult;
@@ -56,15 +57,12 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<StoreLoopRun> {
 /// `--for` ends.
 fn parse_workload(spec: Option<&str>) -> anyhow::Result<(u64, u64)> {
     let spec = spec.unwrap_or("store-loop");
-    let (name, params) = spec.split_once(':').unwrap_or((spec, ""));
-    if name != "store-loop" {
+    let named = NamedSpec::parse(spec).map_err(|e| anyhow::anyhow!("--workload {e}"))?;
+    if named.name != "store-loop" {
         anyhow::bail!("--workload {spec:?}: --backend hvf runs `store-loop[:stride=BYTES,passes=N]`");
     }
     let (mut stride, mut passes) = (DEFAULT_STRIDE, 0);
-    for kv in params.split(',').filter(|kv| !kv.is_empty()) {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--workload {spec:?}: {kv:?} is not key=value"))?;
+    for &(k, v) in &named.params {
         match k {
             "stride" => {
                 stride = super::run::parse_size(v).map_err(|e| anyhow::anyhow!("--workload stride: {e}"))?

@@ -47,9 +47,9 @@ mod imp {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, bail};
-    use squib_kvm_sim::machine::console::Stdout;
-    use squib_kvm_sim::machine::snapshot::{self, Staging};
-    use squib_kvm_sim::machine::{Console, Machine, MachineConfig, RestoreOptions};
+    use squib_machine::console::Stdout;
+    use squib_machine::snapshot::{self, Staging};
+    use squib_machine::{Console, Machine, MachineConfig, RestoreOptions};
     use squib_snapshot::snapshot::{ChainWriter, RestoreMode};
 
     use crate::api::vmm::Vmm;

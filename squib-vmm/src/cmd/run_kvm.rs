@@ -22,8 +22,8 @@ mod linux {
 
     use anyhow::Context as _;
     use squib_arch::PageGeometry;
-    use squib_kvm_sim::kvm::runner::{self, RunConfig, RunReport};
-    use squib_kvm_sim::kvm::{MemoryLayout, Tracking, VmConfig, Workload};
+    use squib_kvm::runner::{self, RunConfig, RunReport};
+    use squib_kvm::{MemoryLayout, Tracking, VmConfig, Workload};
     use squib_snapshot::{ChainSink, CountingSink, TrackingConfig};
 
     use super::super::run::TrackingKind;
@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn test_should_run_a_workload_under_kvm_in_both_tracking_modes() {
-        if !squib_kvm_sim::kvm_or_skip("test_should_run_a_workload_under_kvm_in_both_tracking_modes") {
+        if !squib_kvm::kvm_or_skip("test_should_run_a_workload_under_kvm_in_both_tracking_modes") {
             return;
         }
         for tracking in ["dirty-log", "uffd-wp"] {

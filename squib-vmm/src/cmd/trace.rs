@@ -8,11 +8,9 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use squib_arch::PageGeometry;
-use squib_kvm_sim::trace::{
-    Event, EventReader, ReplayConfig, ReplayReport, TraceFormat, decoder, replay_path,
-};
 use squib_kvm_sim::workload::WorkloadSpec;
 use squib_snapshot::Policy;
+use squib_trace::{Event, EventReader, ReplayConfig, ReplayReport, TraceFormat, decoder, replay_path};
 
 use super::CmdResult;
 use super::run::{parse_duration, parse_size};
@@ -158,7 +156,7 @@ fn generate_cmd(args: &GenerateArgs) -> CmdResult {
         anyhow::bail!("--vcpus must be at least 1");
     }
     let mut streams = (0..args.vcpus)
-        .map(|i| spec.build(args.mem, i, args.vcpus))
+        .map(|i| squib_kvm_sim::workload::stream(&spec, args.mem, i, args.vcpus))
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("--workload {}", args.workload))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());

@@ -5,7 +5,7 @@ mod kvm_support;
 use std::time::Duration;
 
 use kvm_support::{kvm_or_skip, split_layout};
-use squib_kvm_sim::kvm::{KvmVm, Tracking, VmConfig, Workload};
+use squib_kvm::{KvmVm, Tracking, VmConfig, Workload};
 use vm_memory::{Bytes, GuestAddress};
 
 #[test]

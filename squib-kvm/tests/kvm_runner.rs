@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use kvm_support::{kvm_or_skip, split_layout};
 use squib_arch::GpaRange;
-use squib_kvm_sim::kvm::runner::{self, CheckpointSink, RunConfig};
-use squib_kvm_sim::kvm::{Tracking, VmConfig};
+use squib_kvm::runner::{self, CheckpointSink, RunConfig};
+use squib_kvm::{Tracking, VmConfig};
 use squib_snapshot::{Policy, TrackingConfig};
 use vm_memory::{GuestMemoryMmap, bitmap::AtomicBitmap};
 

@@ -14,8 +14,8 @@ use squib_snapshot::{DirtyTracker, Policy, TrackingConfig};
 
 use super::TraceError;
 use super::parse::{Event, EventReader, TraceFormat};
-use crate::soft::mmu::{SoftStage2, VcpuSlot};
-use crate::soft::vcpu::deliver;
+use squib_kvm_sim::soft::mmu::{SoftStage2, VcpuSlot};
+use squib_kvm_sim::soft::vcpu::deliver;
 
 /// Empty epochs replayed for real after the last write before the rest of a long gap is only
 /// counted. Every policy reaches a fixed point within `max_probe_interval + 1` clean epochs (the

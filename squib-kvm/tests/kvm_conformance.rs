@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use kvm_support::{kvm_or_skip, split_layout};
 use squib_arch::GpaRange;
-use squib_kvm_sim::kvm::runner::serve_faults;
-use squib_kvm_sim::kvm::{KvmBackend, KvmVm, MemoryLayout, Tracking, VmConfig};
+use squib_kvm::runner::serve_faults;
+use squib_kvm::{KvmBackend, KvmVm, MemoryLayout, Tracking, VmConfig};
 use squib_snapshot::DirtyTracker;
 use squib_snapshot::conformance::{Harness, run_all};
 

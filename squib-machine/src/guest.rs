@@ -61,7 +61,7 @@ fn parse_line(rest: &str) -> Option<CounterLine> {
 /// (still being printed) is left out.
 ///
 /// ```
-/// use squib_kvm_sim::machine::guest::parse;
+/// use squib_machine::guest::parse;
 ///
 /// let text = "squib guest: e820=2\nCOUNTER 1 ck0=00000000000000ff ok0=3 bad0=0 back0=0\nCOUNTER 2 ck0=0";
 /// let lines = parse(text);
@@ -86,7 +86,7 @@ pub fn parse(text: &str) -> Vec<CounterLine> {
 /// A message naming the rule and the offending line(s).
 ///
 /// ```
-/// use squib_kvm_sim::machine::guest::{check, parse};
+/// use squib_machine::guest::{check, parse};
 ///
 /// let good = "COUNTER 1 ck0=1 ok0=1 bad0=0 back0=0\nCOUNTER 2 ck0=2 ok0=5 bad0=0 back0=0\n";
 /// assert!(check(&parse(good), 1).is_ok());

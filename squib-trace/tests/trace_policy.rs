@@ -9,8 +9,8 @@
 use std::fmt::Write as _;
 
 use squib_arch::PageGeometry;
-use squib_kvm_sim::trace::{ReplayConfig, replay};
 use squib_snapshot::{CostModel, Policy};
+use squib_trace::{ReplayConfig, replay};
 
 const EPOCH: u64 = 100_000_000;
 const BLOCKS: u64 = 4;

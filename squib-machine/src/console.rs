@@ -10,7 +10,7 @@ use parking_lot::{Condvar, Mutex};
 ///
 /// ```
 /// use std::io::Write;
-/// use squib_kvm_sim::machine::console::{Capture, Console};
+/// use squib_machine::console::{Capture, Console};
 ///
 /// let capture = Capture::default();
 /// let mut console = Console::new().with_sink(Box::new(capture.clone()));

@@ -6,7 +6,7 @@ mod kvm_support;
 
 use kvm_support::{kvm_or_skip, split_layout};
 use squib_arch::GpaRange;
-use squib_kvm_sim::kvm::{Machine, Tracking, VmConfig};
+use squib_kvm::{Machine, Tracking, VmConfig};
 use squib_snapshot::{BlockMode, Policy, TrackingConfig};
 
 #[test]

@@ -38,11 +38,12 @@ use std::str::FromStr;
 
 use iced_x86::IcedError;
 
-use crate::workload::{WorkloadError, WorkloadKind, WorkloadSpec};
 use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, dx, eax, ebx, edx, qword_ptr, r8, r9, r10, r11, r12, r13, r14, r15, rax, rbp,
     rbx, rcx, rdi, rdx,
 };
+use squib_arch::spec::NamedSpec;
+use squib_arch::workload::{WorkloadError, WorkloadKind, WorkloadSpec, parse_size};
 
 /// Port a workload writes to every `report` writes (progress).
 pub const PORT_PROGRESS: u16 = 0x510;
@@ -143,7 +144,7 @@ impl FromStr for Workload {
     /// Parse `NAME[:k=v,...]`.
     ///
     /// ```
-    /// use squib_kvm_sim::kvm::{Shape, Workload};
+    /// use squib_kvm::{Shape, Workload};
     /// let w: Workload = "stride:k=4,seed=7,size=64".parse().unwrap();
     /// assert_eq!((w.shape, w.seed, w.size), (Shape::Stride { k: 4 }, 7, 64));
     /// assert!("stride:s=1".parse::<Workload>().unwrap_err().to_string().contains("\"s\""));
@@ -151,29 +152,20 @@ impl FromStr for Workload {
     fn from_str(spec: &str) -> Result<Self, GuestError> {
         // `report` (writes between progress exits) is this guest's own key; the names and every
         // other key are the soft backend's, read by the one parser both backends share.
-        let (name, params) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut named = NamedSpec::parse(spec).map_err(WorkloadError::from)?;
         let mut report = 65536;
-        let mut common = Vec::new();
-        for kv in params.split(',').filter(|s| !s.is_empty()) {
-            match kv.split_once('=') {
-                Some(("report", v)) => {
-                    report = crate::workload::parse_size("report", v)?;
-                    if report == 0 {
-                        return Err(GuestError::BadParameter {
-                            key: "report".into(),
-                            value: v.into(),
-                            reason: "must be at least 1",
-                        });
-                    }
-                }
-                _ => common.push(kv),
+        if let Some(at) = named.params.iter().position(|(k, _)| *k == "report") {
+            let (_, v) = named.params.remove(at);
+            report = parse_size("report", v)?;
+            if report == 0 {
+                return Err(GuestError::BadParameter {
+                    key: "report".into(),
+                    value: v.into(),
+                    reason: "must be at least 1",
+                });
             }
         }
-        let w: WorkloadSpec = if common.is_empty() {
-            name.parse()?
-        } else {
-            format!("{name}:{}", common.join(",")).parse()?
-        };
+        let w = WorkloadSpec::from_named(&named)?;
         let shape = match w.kind {
             WorkloadKind::Seq => Shape::Seq,
             WorkloadKind::Random => Shape::Random,

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use squib_arch::PageGeometry;
-use squib_kvm_sim::trace::{ReplayConfig, ReplayReport, TraceError, TraceFormat, replay, replay_path};
 use squib_snapshot::Policy;
+use squib_trace::{ReplayConfig, ReplayReport, TraceError, TraceFormat, replay, replay_path};
 
 const MS: u64 = 1_000_000;
 const EPOCH: u64 = 100 * MS;

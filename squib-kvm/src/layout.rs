@@ -90,7 +90,7 @@ impl MemoryLayout {
     /// `split(8 GiB, 4 GiB)` is the real shape; tests use small boundaries.
     ///
     /// ```
-    /// use squib_kvm_sim::kvm::MemoryLayout;
+    /// use squib_kvm::MemoryLayout;
     /// let l = MemoryLayout::split(24 << 20, 32 << 20).unwrap();
     /// let ram: Vec<_> = l.ram().iter().map(|r| (r.start(), r.len())).collect();
     /// assert_eq!(ram, vec![(0, 24 << 20)]);

@@ -48,7 +48,8 @@
 //! - **vm-memory's bitmap after a restore.** Filling the new RAM through
 //!   vm-memory marks every page dirty; those bits are cleared, because the
 //!   loaded bytes are the base the next diff is relative to.
-#![cfg(target_arch = "x86_64")]
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#![deny(missing_docs)]
 
 pub mod boot;
 pub mod console;
@@ -84,8 +85,8 @@ pub use boot::GuestMemory;
 pub use console::{Capture, Console};
 pub use state::{MachineState, VcpuState};
 
-use crate::kvm::{DirtyLogBackend, MemoryLayout};
 use serial::IrqTrigger;
+use squib_kvm::{DirtyLogBackend, MemoryLayout};
 use vcpu::{Control, Devices, Want};
 
 /// Path of squib's test guest kernel, built from `guest/kernel.S` by this crate's build.

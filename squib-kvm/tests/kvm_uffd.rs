@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use kvm_support::{kvm_or_skip, split_layout};
 use squib_arch::{GpaRange, PageGeometry};
-use squib_kvm_sim::kvm::runner::serve_faults;
-use squib_kvm_sim::kvm::{KvmBackend, KvmVm, Tracking, VmConfig};
+use squib_kvm::runner::serve_faults;
+use squib_kvm::{KvmBackend, KvmVm, Tracking, VmConfig};
 use squib_snapshot::{BackendError, DirtyTracker, Policy, Stage2Backend, TrackingConfig, TrackingMechanism};
 
 /// The KVM backend with a re-grant that takes its time after un-protecting: the window in which

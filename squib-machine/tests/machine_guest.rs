@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use squib_arch::{GpaRange, PageGeometry};
-use squib_kvm_sim::machine::guest::{CounterLine, check, parse};
-use squib_kvm_sim::machine::snapshot::{self, Staging, Target};
-use squib_kvm_sim::machine::{
+use squib_machine::guest::{CounterLine, check, parse};
+use squib_machine::snapshot::{self, Staging, Target};
+use squib_machine::{
     Capture, Console, GUEST_KERNEL, Machine, MachineConfig, MachineState, RestoreOptions, copy_memory,
     new_memory,
 };
@@ -79,7 +79,7 @@ fn assert_consistent(lines: &[CounterLine], vcpus: usize) {
 }
 
 fn boot_and_count(vcpus: u8) {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let (machine, capture) = boot(vcpus);
@@ -106,7 +106,7 @@ fn test_should_boot_guest_and_count_on_timer_interrupts_with_two_vcpus() {
 }
 
 fn capture_and_restore_in_process(vcpus: u8) {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let (machine, capture) = boot(vcpus);
@@ -154,7 +154,7 @@ fn test_should_continue_guest_on_two_vcpus_after_in_process_restore() {
 
 #[test]
 fn test_should_not_run_a_guest_restored_paused_until_resumed() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let (machine, capture) = boot(1);
@@ -231,7 +231,7 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
 
 #[test]
 fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -291,7 +291,7 @@ fn restore_and_check(dir: &Path, mode: RestoreMode, before: &str, vcpus: usize) 
 
 #[test]
 fn test_should_restore_guest_from_chain_of_full_base_and_three_diffs_and_from_its_merge() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -327,7 +327,7 @@ fn test_should_restore_guest_from_chain_of_full_base_and_three_diffs_and_from_it
 
 #[test]
 fn test_should_restore_guest_from_a_chain_of_diffs_written_after_the_guest_resumed() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -351,7 +351,7 @@ fn test_should_restore_guest_from_a_chain_of_diffs_written_after_the_guest_resum
 
 #[test]
 fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -417,7 +417,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
 
 #[test]
 fn test_should_refuse_a_diff_of_a_machine_that_does_not_track_dirty_pages() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -545,7 +545,7 @@ fn restore_child(dir: &Path, snap: &Path, vcpus: u8) {
 }
 
 fn restore_in_new_process(vcpus: u8) {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -588,7 +588,7 @@ fn ramdisk_fields(machine: &Machine) -> (u64, u64) {
     use vm_memory::{Bytes, GuestAddress};
     // struct setup_header starts at 0x1f1 of the zero page; ramdisk_image is at 0x218 and
     // ramdisk_size at 0x21c (Linux's boot protocol, x86/boot.rst).
-    let zero_page = squib_kvm_sim::machine::layout::ZERO_PAGE_ADDR;
+    let zero_page = squib_machine::layout::ZERO_PAGE_ADDR;
     let image: u32 = machine
         .memory()
         .read_obj(GuestAddress(zero_page + 0x218))
@@ -602,7 +602,7 @@ fn ramdisk_fields(machine: &Machine) -> (u64, u64) {
 
 #[test]
 fn test_should_load_an_initrd_at_the_top_of_ram_and_name_it_in_the_zero_page_then_boot_the_guest() {
-    if !squib_kvm_sim::kvm_or_skip("machine_guest") {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");

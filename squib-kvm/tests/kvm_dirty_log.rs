@@ -4,7 +4,7 @@ mod kvm_support;
 
 use kvm_support::{kvm_or_skip, split_layout};
 use squib_arch::GpaRange;
-use squib_kvm_sim::kvm::{KvmBackend, KvmVm, Tracking, VmConfig};
+use squib_kvm::{KvmBackend, KvmVm, Tracking, VmConfig};
 use squib_snapshot::{Stage2Backend, TrackingMechanism};
 
 fn harvest(b: &KvmBackend) -> Vec<GpaRange> {

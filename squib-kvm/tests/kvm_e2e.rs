@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvm_support::{kvm_or_skip, split_layout};
 use squib_arch::GpaRange;
-use squib_kvm_sim::kvm::{Machine, Tracking, VmConfig, Workload};
+use squib_kvm::{Machine, Tracking, VmConfig, Workload};
 use squib_snapshot::{Policy, TrackingConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, bitmap::AtomicBitmap};
 

@@ -18,9 +18,9 @@ fn main() {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use squib_kvm_sim::machine::guest::{check, parse};
-    use squib_kvm_sim::machine::snapshot::{self, Staging, Target};
-    use squib_kvm_sim::machine::{Capture, Console, GUEST_KERNEL, Machine, MachineConfig, RestoreOptions};
+    use squib_machine::guest::{check, parse};
+    use squib_machine::snapshot::{self, Staging, Target};
+    use squib_machine::{Capture, Console, GUEST_KERNEL, Machine, MachineConfig, RestoreOptions};
     use squib_snapshot::snapshot::{ChainWriter, RestoreMode, merge};
 
     let timeout = Duration::from_secs(60);

@@ -17,6 +17,7 @@
 //!
 //! Input may be gzip-compressed (detected by its magic bytes) and is streamed: memory stays
 //! bounded whatever the trace's length.
+#![deny(missing_docs)]
 
 pub mod parse;
 pub mod replay;
@@ -30,7 +31,7 @@ use squib_snapshot::TrackError;
 pub use parse::{Event, EventReader, TraceFormat};
 pub use replay::{ReplayConfig, ReplayReport, empty_report, ram_needed, replay};
 
-use crate::soft::vcpu::VcpuError;
+use squib_kvm_sim::soft::vcpu::VcpuError;
 
 /// The most guest RAM a replay will model.
 pub const MAX_REPLAY_MEM: u64 = 1 << 40;
