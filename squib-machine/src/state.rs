@@ -46,6 +46,11 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs, interrupt shadow.
     pub events: kvm_vcpu_events,
+    /// The guest TSC's rate in kHz (`KVM_GET_TSC_KHZ`); a restore on a host whose rate differs
+    /// scales the vCPU's TSC to it. Absent in snapshots written before squib saved it, and
+    /// where KVM cannot tell.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 /// A paused machine's state, memory excepted.
