@@ -7,7 +7,8 @@
 # whether the state it keeps re-verified: a 4 MiB random blob and a log in tmpfs (guest memory
 # as page cache) whose checksums it also holds in its own memory (shell variables), and a hash
 # chain over the counter kept both in memory and in the log. dmesg=N counts kernel log lines
-# that name a clock or lockup complaint; each new one is printed as "RIG-L2 DMESG <line>".
+# that name a clock or lockup complaint; each new one is printed as "RIG-L2 DMESG <line>", the
+# two lines after it as "RIG-L2 DMESG-CTX <line>".
 # Uptime going backwards is printed as "RIG-L2 BACKWARDS <old> <new>".
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -18,6 +19,12 @@ mkdir -p /state
 mount -t tmpfs -o size=16m state /state
 cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
 echo "RIG-L2 init cpus=$(grep -c ^processor /proc/cpuinfo) clocksource=$cs up=$(cut -d' ' -f1 /proc/uptime)"
+# rig.syms=ADDR,... on the kernel command line (run.sh's RIG_L2_ARGS): name the kernel
+# functions at these addresses (the rig's diagnostics print a stuck guest's RIPs; without
+# KASLR an address names the same code in every boot of this kernel).
+for a in $(sed -n 's/.*rig\.syms=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' '); do
+  echo "RIG-L2 SYM $a $(awk -v r="$a" 'length($1) == length(r) && $1 <= r && $1 >= b { b = $1; s = $3 } END { print s }' /proc/kallsyms)"
+done
 # The kernel's own warnings from boot (level warning or worse), for the boot scenarios to show.
 dmesg -r | grep -E '^<[0-4]>' | sed 's/^/RIG-L2 BOOTWARN /'
 dd if=/dev/urandom of=/state/blob bs=64k count=64 2>/dev/null
@@ -49,7 +56,10 @@ while :; do
   hits=$(dmesg | grep -Ei "$bad")
   count=$(printf '%s' "$hits" | grep -c .)
   if [ "$count" -gt "$seen" ]; then
-    printf '%s\n' "$hits" | tail -n $((count - seen)) | sed 's/^/RIG-L2 DMESG /'
+    # With the two lines after each (the watchdog's figures follow its complaint), marked as
+    # context: "N:" is a matching line in grep -n's output, "N-" one around it.
+    dmesg | grep -n -Ei -A2 "$bad" | grep -v '^--$' | tail -n $(((count - seen) * 3)) |
+      sed 's/^[0-9]*:/RIG-L2 DMESG /; s/^[0-9]*-/RIG-L2 DMESG-CTX /'
     seen=$count
   fi
   echo "RIG-L2 tick=$n up=$up state=$st dmesg=$count"

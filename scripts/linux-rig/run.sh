@@ -153,14 +153,17 @@ while [ ${#todo[@]} -gt 0 ]; do
 ${RIG_L2_ARGS:+ rig.l2args=$(tr ' ' , <<<"$RIG_L2_ARGS")}${RIG_BOOT_DEADLINE:+ rig.bootdeadline=$RIG_BOOT_DEADLINE}" \
     -serial "file:$serial" -no-reboot &
   qemu=$!
-  tail -n +1 -f --pid=$qemu "$serial" | tr -d '\r' | grep --line-buffered -E '^(RIG-|\[)|Kernel panic|BUG|Oops' || true
+  # The emulated host does not outlive this script, however it ends.
+  trap 'kill $qemu 2>/dev/null' EXIT
+  trap 'kill $qemu 2>/dev/null; exit 130' INT TERM
+  tail -n +1 -f --pid=$qemu "$serial" | tr -d '\r' | grep -a --line-buffered -E '^(RIG-|\[)|Kernel panic|BUG|Oops' || true
   status=0
   wait $qemu || status=$?
-  done_line=$(grep -c '^RIG-DONE' "$serial" || true)
+  done_line=$(grep -ac '^RIG-DONE' "$serial" || true)
   broke=""
   next=()
   for s in "${todo[@]}"; do
-    line=$(tr -d '\r' <"$serial" | grep "^RIG-RESULT $s " | tail -n 1 || true)
+    line=$(tr -d '\r' <"$serial" | grep -a "^RIG-RESULT $s " | tail -n 1 || true)
     verdict=$(awk '{ print $3 }' <<<"$line")
     case $verdict in
       PASS | FAIL)
@@ -176,7 +179,7 @@ ${RIG_L2_ARGS:+ rig.l2args=$(tr ' ' , <<<"$RIG_L2_ARGS")}${RIG_BOOT_DEADLINE:+ r
   done
   if [ ${#next[@]} -gt 0 ]; then
     if [ "$done_line" = 0 ]; then
-      why=$(tr -d '\r' <"$serial" | grep -E 'RIG-HOST-FAIL|Kernel panic|BUG|Oops' | head -n 3 | tr '\n' ' ')
+      why=$(tr -d '\r' <"$serial" | grep -aE 'RIG-HOST-FAIL|Kernel panic|BUG|Oops' | head -n 3 | tr '\n' ' ')
       [ $status = 124 ] && why="no end after ${deadline}s; $why"
       broke+="the emulated host stopped (QEMU exit $status) before it finished: ${why:-last line: $(tail -n 1 "$serial")}"
     fi
