@@ -80,3 +80,28 @@ pub fn fix_header(bytes: &[u8]) -> Vec<u8> {
     out[24..32].copy_from_slice(&crc.to_le_bytes());
     out
 }
+
+/// The input format of `machine_state`: up to four parts, each `u16 length, bytes`
+/// (little-endian): the vCPU sections, then the `kvm-machine` and `com1` device sections (the
+/// last two parts; with fewer than three parts, all are vCPUs and the devices are empty).
+pub fn split_parts(mut data: &[u8]) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    while parts.len() < 4 {
+        let Some(l) = take(&mut data, 2) else { break };
+        let n = usize::from(u16::from_le_bytes([l[0], l[1]]));
+        let n = n.min(data.len());
+        let Some(p) = take(&mut data, n) else { break };
+        parts.push(p);
+    }
+    parts
+}
+
+/// Encode parts (the inverse of [`split_parts`]).
+pub fn join_parts(parts: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(&u16::try_from(p.len()).unwrap_or(u16::MAX).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}

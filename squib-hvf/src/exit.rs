@@ -59,7 +59,7 @@ pub enum ExitError {
         vcpu: u32,
     },
     /// The core refused or failed a tracking fault (a failed re-grant, say).
-    #[error("tracking fault on vCPU {vcpu} at IPA {ipa:#x} (ESR {esr:#x}): {source}")]
+    #[error("tracking fault on vCPU {vcpu} at IPA {ipa:#x} (ESR {esr:#x})")]
     Track {
         /// The vCPU.
         vcpu: u32,

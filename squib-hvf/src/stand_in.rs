@@ -12,8 +12,13 @@
 //!
 //! A permission change and a store are serialised by a reader-writer lock standing in for the
 //! TLB invalidation: once `protect` returns, no store sees the old permission.
+//!
+//! Guest RAM is a vm-memory `GuestMemoryMmap` ([`StandIn::memory`]), allocated as a VM allocates
+//! it ([`guest_ram`](crate::vm::guest_ram)), so the run loop, its snapshot sink and its
+//! verification read the stand-in's RAM through the very type they read on Apple Silicon. Guest
+//! stores land in it as a vCPU's do: straight into the mapping, not through vm-memory's write
+//! path, whose dirty bitmap records only the VMM's own writes.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
@@ -23,6 +28,8 @@ use applevisor_sys::{
     hv_vcpu_exit_exception_t, hv_vcpu_exit_t,
 };
 use squib_arch::GpaRange;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, VolatileSlice};
 
 /// `HV_BAD_ARGUMENT`, what the stand-in returns for a call it refuses.
 const HV_BAD_ARGUMENT: i32 = 0xfae9_4003_u32.cast_signed();
@@ -80,7 +87,7 @@ pub(crate) enum AccessFault {
 pub struct StandIn {
     mapped: Vec<GpaRange>,
     flags: Vec<Box<[AtomicU8]>>,
-    bytes: Mutex<HashMap<u64, Box<[u8]>>>,
+    memory: GuestMemoryMmap<AtomicBitmap>,
     tlb: RwLock<()>,
     calls: Mutex<Vec<HvCall>>,
     violations: Mutex<Vec<String>>,
@@ -100,7 +107,8 @@ impl StandIn {
     /// `Memory::map` with `ReadWriteExec` leaves it.
     ///
     /// # Panics
-    /// When a region is not granule-aligned: the stand-in's own setup is wrong.
+    /// When a region is not granule-aligned or its memory cannot be allocated: the stand-in's own
+    /// setup is wrong.
     #[must_use]
     pub fn new(mapped: &[GpaRange]) -> Self {
         for r in mapped {
@@ -109,6 +117,14 @@ impl StandIn {
                 "stand-in mapping {r} is not granule-aligned"
             );
         }
+        let ranges: Vec<_> = mapped
+            .iter()
+            .map(|r| {
+                let len = usize::try_from(r.len()).expect("a stand-in mapping fits the address space");
+                (GuestAddress(r.start()), len)
+            })
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges).expect("allocate the stand-in's guest RAM");
         // Truncation is impossible: the flag values are 3-bit.
         let rwx = u8::try_from(WRITABLE).expect("permission bits fit a byte");
         Self {
@@ -117,7 +133,7 @@ impl StandIn {
                 .iter()
                 .map(|r| (0..r.len() / GRANULE).map(|_| AtomicU8::new(rwx)).collect())
                 .collect(),
-            bytes: Mutex::new(HashMap::new()),
+            memory,
             tlb: RwLock::new(()),
             calls: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
@@ -151,7 +167,13 @@ impl StandIn {
         ))
     }
 
-    /// Copy guest memory at `gpa` into `buf` (bytes never written read as zero).
+    /// Guest RAM, as a VM's [`memory`](crate::vm::HvfVm::memory) is.
+    #[must_use]
+    pub const fn memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        &self.memory
+    }
+
+    /// Copy guest memory at `gpa` into `buf` (RAM starts zeroed).
     ///
     /// # Panics
     /// When the range is not inside one mapped region.
@@ -162,23 +184,13 @@ impl StandIn {
             self.mapped.iter().any(|r| r.contains_range(&range)),
             "stand-in read of {range} outside mapped memory"
         );
-        let bytes = lock(&self.bytes);
-        let mut addr = gpa;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let off = offset_in_page(addr);
-            let n = rest.len().min(GRANULE_BYTES - off);
-            let (chunk, tail) = rest.split_at_mut(n);
-            match bytes.get(&(addr & !(GRANULE - 1))) {
-                Some(p) => chunk.copy_from_slice(&p[off..off + n]),
-                None => chunk.fill(0),
-            }
-            addr += u64::try_from(n).expect("a page length fits u64");
-            rest = tail;
-        }
+        self.memory
+            .read_slice(buf, GuestAddress(gpa))
+            .expect("checked above: the range is mapped");
     }
 
-    /// Copy `data` into guest memory at `gpa` as the VMM does: no permission applies.
+    /// Copy `data` into guest memory at `gpa` as the VMM does: no permission applies, and
+    /// vm-memory's bitmap records the write.
     ///
     /// # Panics
     /// When the range is not inside one mapped region.
@@ -189,18 +201,24 @@ impl StandIn {
             self.mapped.iter().any(|r| r.contains_range(&range)),
             "stand-in write of {range} outside mapped memory"
         );
-        self.store(gpa, data);
+        self.memory
+            .write_slice(data, GuestAddress(gpa))
+            .expect("checked above: the range is mapped");
     }
 
+    /// A guest store that the permissions allowed: into the mapping directly, leaving
+    /// vm-memory's bitmap alone (a vCPU's store does not go through the VMM).
     fn store(&self, gpa: u64, data: &[u8]) {
-        let mut bytes = lock(&self.bytes);
-        for (addr, b) in (gpa..).zip(data) {
-            let page = addr & !(GRANULE - 1);
-            let p = bytes
-                .entry(page)
-                .or_insert_with(|| vec![0; GRANULE_BYTES].into_boxed_slice());
-            p[offset_in_page(addr)] = *b;
-        }
+        let slice = self
+            .memory
+            .get_slice(GuestAddress(gpa), data.len())
+            .expect("a permitted store is inside one mapped region");
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: `guard` points at `data.len()` bytes of the stand-in's own guest memory (the
+        // slice vm-memory just handed out for exactly that range), which stays mapped while
+        // `self` lives; every other access to it goes through vm-memory's volatile copies.
+        let raw = unsafe { VolatileSlice::new(guard.as_ptr(), data.len()) };
+        raw.copy_from(data);
     }
 
     fn check(&self, ipa: u64, size: usize, flags: hv_memory_flags_t) -> Result<(), String> {
@@ -254,10 +272,6 @@ impl StandIn {
         }
         Ok(())
     }
-}
-
-fn offset_in_page(addr: u64) -> usize {
-    usize::try_from(addr & (GRANULE - 1)).expect("an offset in a 16 KiB page fits usize")
 }
 
 impl Hv for StandIn {

@@ -39,7 +39,7 @@ impl VcpuOps for applevisor::vcpu::Vcpu {
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// The framework refused to run the vCPU.
-    #[error("vCPU {vcpu}: {source}")]
+    #[error("vCPU {vcpu}")]
     Run {
         /// The vCPU.
         vcpu: u32,

@@ -3,12 +3,15 @@
 //! This is what `squib run --backend hvf` runs, and it checks itself the way a snapshot user
 //! would: the RAM as loaded is the base snapshot, every checkpoint's dirty ranges are copied over
 //! it as a diff is, and after the last checkpoint base + diffs must equal guest memory byte for
-//! byte. A write the tracking missed shows up as a mismatch with its address.
+//! byte. A write the tracking missed shows up as a mismatch with its address. Each checkpoint
+//! also goes to a [`CheckpointSink`], the same one the soft and KVM runs use (`squib run
+//! --snapshot-dir` writes a snapshot chain through `ChainSink`), which reads guest memory as the
+//! vm-memory `GuestMemoryMmap` the VM maps ([`crate::vm::guest_ram`]).
 //!
-//! The run itself is written once, over two small traits ([`VcpuFactory`], [`RamReader`]): on
-//! Apple Silicon they are applevisor's vCPUs and memory ([`run`]); on any host the stand-in and
-//! an interpreter executing the same guest bytes (`run_on_stand_in`, feature `stand-in`), so the
-//! code a Mac runs is the code the Linux tests run, down to the platform layer.
+//! The run itself is written once, over guest memory and one small trait ([`VcpuFactory`]): on
+//! Apple Silicon applevisor's vCPUs ([`run`]); on any host the stand-in and an interpreter
+//! executing the same guest bytes (`run_on_stand_in`, feature `stand-in`), so the code a Mac runs
+//! is the code the Linux tests run, down to the platform layer.
 //!
 //! Layout: vCPU `i`'s code is the 16 KiB page at `RAM_BASE + i * 16 KiB`, inside tracked RAM (so
 //! the run also shows that write-protecting RAM keeps it executable); the rest of RAM is split
@@ -17,12 +20,14 @@
 use std::time::Duration;
 
 use squib_arch::GpaRange;
-use squib_snapshot::{Policy, TrackError, TrackerCounters};
+use squib_snapshot::{CheckpointSink, Policy, TrackError, TrackerCounters};
 
 use crate::a64::{ProgramError, StoreLoop};
 use crate::exit::VmmExit;
 use crate::hv::GRANULE;
 use crate::vcpu::{VcpuError, VcpuOps};
+#[cfg(any(hvf, test, feature = "stand-in"))]
+use crate::vm::GuestRam;
 use crate::vm::VmError;
 
 /// Where guest RAM starts.
@@ -45,6 +50,9 @@ pub struct StoreLoopRun {
     pub checkpoint_every: Duration,
     /// The longest the guest runs.
     pub run_for: Duration,
+    /// End the run once this many live checkpoints have saved guest writes (if every vCPU has
+    /// not finished and `run_for` has not passed first).
+    pub stop_after_checkpoints: Option<u64>,
 }
 
 /// One checkpoint taken while the guest ran.
@@ -112,9 +120,15 @@ pub enum RunError {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// A checkpoint failed.
-    #[error("checkpoint failed: {0}")]
-    Checkpoint(String),
+    /// A checkpoint failed (the tracker, or the sink).
+    #[error("checkpoint {index} failed")]
+    Checkpoint {
+        /// Which checkpoint (0 is the first).
+        index: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A vCPU stopped on an exit this guest never causes.
     #[error("vCPU {vcpu} stopped with an unexpected exit: {exit:?}")]
     UnexpectedExit {
@@ -162,6 +176,7 @@ pub struct VcpuPlan {
 /// let run = StoreLoopRun {
 ///     mem: 1 << 20, vcpus: 2, policy: Policy::Adaptive, stride: 4096, passes: 0,
 ///     checkpoint_every: Duration::from_millis(100), run_for: Duration::from_secs(1),
+///     stop_after_checkpoints: None,
 /// };
 /// let plan = layout(&run).unwrap();
 /// assert_eq!(plan[1].code, RAM_BASE + 0x4000);
@@ -235,51 +250,45 @@ pub trait VcpuFactory: Sync {
     fn kick(&self, handles: &[Self::Handle]);
 }
 
-/// Reads guest RAM for diffs and verification, from the host thread.
-pub trait RamReader {
-    /// Copy guest memory at `gpa` into `buf`.
-    ///
-    /// # Errors
-    /// [`RunError`] for an access outside guest RAM.
-    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RunError>;
-}
-
 /// Run the store loop on Hypervisor.framework: not on this host.
 ///
 /// # Errors
 /// [`RunError::Vm`] with [`HvError::Unavailable`](crate::hv::HvError::Unavailable), after the
 /// layout is checked.
 #[cfg(not(hvf))]
-pub fn run(
+pub fn run<S: CheckpointSink>(
     run: &StoreLoopRun,
+    sink: &mut S,
     on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
 ) -> Result<RunReport, RunError> {
-    let _ = (layout(run)?, on_checkpoint);
+    let _ = (layout(run)?, sink, on_checkpoint);
     Err(VmError::Hv(crate::hv::HvError::Unavailable).into())
 }
 
-/// Run the store loop on Hypervisor.framework with live tracking, checkpointing every
-/// `run.checkpoint_every` until every vCPU finished or `run.run_for` passed, then verify.
+/// Run the store loop on Hypervisor.framework with live tracking, checkpointing into `sink`
+/// every `run.checkpoint_every` until every vCPU finished or `run.run_for` passed, then verify.
 ///
 /// # Errors
 /// [`RunError`]: setup, a vCPU, a checkpoint, or the final verification failed.
 #[cfg(hvf)]
-pub fn run(
+pub fn run<S: CheckpointSink>(
     run: &StoreLoopRun,
+    sink: &mut S,
     on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
 ) -> Result<RunReport, RunError> {
-    native::run(run, on_checkpoint)
+    native::run(run, sink, on_checkpoint)
 }
 
 /// Run the store loop exactly as [`run`] does, with the stand-in for the framework and an
-/// interpreter for the vCPUs executing the same guest code: the runner, the guest program and
-/// the tracking are exercised on any host.
+/// interpreter for the vCPUs executing the same guest code: the runner, the guest program, the
+/// tracking and the sink are exercised on any host.
 ///
 /// # Errors
 /// As [`run`].
 #[cfg(any(test, feature = "stand-in"))]
-pub fn run_on_stand_in(
+pub fn run_on_stand_in<S: CheckpointSink>(
     run: &StoreLoopRun,
+    sink: &mut S,
     on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
 ) -> Result<RunReport, RunError> {
     use std::sync::Arc;
@@ -298,15 +307,15 @@ pub fn run_on_stand_in(
     }
     let backend = HvfBackend::new(Arc::clone(&hv), &[ram]).map_err(VmError::from)?;
     let tracker = DirtyTracker::new(backend, &[ram], TrackingConfig::new(run.policy))?;
-    drive(run, &plans, &*hv, &SimFactory::new(&hv), &tracker, on_checkpoint)
-}
-
-#[cfg(any(test, feature = "stand-in"))]
-impl RamReader for crate::stand_in::StandIn {
-    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RunError> {
-        self.read(gpa, buf);
-        Ok(())
-    }
+    drive(
+        run,
+        &plans,
+        hv.memory(),
+        &SimFactory::new(&hv),
+        &tracker,
+        sink,
+        on_checkpoint,
+    )
 }
 
 /// The run itself, shared by every platform (compiled where a platform exists).
@@ -317,7 +326,8 @@ mod driver {
     use std::time::Instant;
 
     use squib_arch::esr::ec;
-    use squib_snapshot::{DirtyTracker, Stage2Backend};
+    use squib_snapshot::{CheckpointError, DirtyTracker, Stage2Backend};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::vcpu::run_until_vmm_exit;
@@ -353,28 +363,62 @@ mod driver {
         }
     }
 
-    fn copy_diff<R: RamReader + ?Sized>(
-        ram: &R,
-        shadow: &mut [u8],
-        ranges: &[GpaRange],
-    ) -> Result<(), RunError> {
+    /// Guest memory at `gpa` into `buf`.
+    fn read(mem: &GuestRam, gpa: u64, buf: &mut [u8]) -> Result<(), RunError> {
+        use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+        mem.read_slice(buf, GuestAddress(gpa)).map_err(|_| {
+            let ram = mem
+                .iter()
+                .next()
+                .and_then(|r| GpaRange::new(r.start_addr().0, r.len()).ok());
+            match ram {
+                Some(ram) => RunError::Vm(VmError::OutOfRange {
+                    gpa,
+                    len: buf.len(),
+                    ram,
+                }),
+                None => RunError::BadMem(0),
+            }
+        })
+    }
+
+    fn copy_diff(mem: &GuestRam, shadow: &mut [u8], ranges: &[GpaRange]) -> Result<(), RunError> {
         for r in ranges {
             let off = usize::try_from(r.start() - RAM_BASE).map_err(|_| RunError::BadMem(r.start()))?;
             let len = usize::try_from(r.len()).map_err(|_| RunError::BadMem(r.len()))?;
-            ram.read_ram(r.start(), &mut shadow[off..off + len])?;
+            read(mem, r.start(), &mut shadow[off..off + len])?;
         }
         Ok(())
     }
 
-    fn checkpoint<R: RamReader + ?Sized, B: Stage2Backend>(
+    /// What a checkpoint's writer can fail with: the run's own diff copy, or the sink.
+    #[derive(Debug, thiserror::Error)]
+    enum WriteError<E: std::error::Error + 'static> {
+        #[error("copying the diff for verification")]
+        Copy(#[source] Box<RunError>),
+        #[error("the snapshot sink failed")]
+        Sink(#[source] E),
+    }
+
+    /// One checkpoint: the diff goes into the run's shadow (for the final verification) and to
+    /// `sink`.
+    fn checkpoint<B: Stage2Backend, S: CheckpointSink>(
         tracker: &DirtyTracker<B>,
-        ram: &R,
+        mem: &GuestRam,
         shadow: &mut [u8],
+        sink: &mut S,
+        index: u64,
         at: Duration,
     ) -> Result<CheckpointRecord, RunError> {
         let stats = tracker
-            .checkpoint(None, |ranges| copy_diff(ram, shadow, ranges))
-            .map_err(|e| RunError::Checkpoint(e.to_string()))?;
+            .checkpoint(Some(mem), |ranges| {
+                copy_diff(mem, shadow, ranges).map_err(|e| WriteError::Copy(Box::new(e)))?;
+                sink.write(index, ranges, mem).map_err(WriteError::Sink)
+            })
+            .map_err(|e: CheckpointError<WriteError<S::Error>>| RunError::Checkpoint {
+                index,
+                source: Box::new(e),
+            })?;
         Ok(CheckpointRecord {
             at,
             ranges: stats.ranges,
@@ -383,28 +427,35 @@ mod driver {
     }
 
     /// The run itself, the same over every platform: base snapshot, start tracking, one thread per
-    /// vCPU, checkpoints on the host thread while they run, stop, last checkpoint, verification.
-    pub(super) fn drive<R, F, B>(
+    /// vCPU, checkpoints on the host thread while they run, stop, the closing checkpoint (also
+    /// after a failed one, whose units the tracker folded back), the sink's `finish`,
+    /// verification.
+    pub(super) fn drive<F, B, S>(
         cfg: &StoreLoopRun,
         plans: &[VcpuPlan],
-        ram: &R,
+        mem: &GuestRam,
         factory: &F,
         tracker: &DirtyTracker<B>,
+        sink: &mut S,
         on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
     ) -> Result<RunReport, RunError>
     where
-        R: RamReader + ?Sized,
         F: VcpuFactory,
         B: Stage2Backend,
+        S: CheckpointSink,
     {
         // The base snapshot: RAM as loaded, before the guest runs.
         let mut shadow = vec![0u8; usize::try_from(cfg.mem).map_err(|_| RunError::BadMem(cfg.mem))?];
-        ram.read_ram(RAM_BASE, &mut shadow)?;
+        read(mem, RAM_BASE, &mut shadow)?;
         tracker.start()?;
         let stop = AtomicBool::new(false);
-        let mut checkpoints = Vec::new();
+        let mut checkpoints: Vec<CheckpointRecord> = Vec::new();
         let started = Instant::now();
-        let results = std::thread::scope(|s| -> Result<Vec<Result<VcpuReport, RunError>>, RunError> {
+        let enough = |records: &[CheckpointRecord]| {
+            let saved = records.iter().filter(|c| c.dirty_bytes > 0).count() as u64;
+            cfg.stop_after_checkpoints.is_some_and(|n| saved >= n)
+        };
+        let (results, failure) = std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel();
             let threads: Vec<_> = plans
                 .iter()
@@ -420,10 +471,11 @@ mod driver {
             let all_done = || threads.iter().all(std::thread::ScopedJoinHandle::is_finished);
             let mut next = cfg.checkpoint_every;
             let mut failure = None;
-            while !all_done() && started.elapsed() < cfg.run_for {
+            while !all_done() && started.elapsed() < cfg.run_for && !enough(&checkpoints) {
                 let now = started.elapsed();
                 if now >= next {
-                    match checkpoint(tracker, ram, &mut shadow, now) {
+                    let index = checkpoints.len() as u64;
+                    match checkpoint(tracker, mem, &mut shadow, sink, index, now) {
                         Ok(c) => {
                             on_checkpoint(&c);
                             checkpoints.push(c);
@@ -444,28 +496,35 @@ mod driver {
                 factory.kick(&handles);
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let results = threads
+            let results: Vec<_> = threads
                 .into_iter()
                 .zip(0u32..)
                 .map(|(t, id)| t.join().unwrap_or(Err(RunError::Panicked(id))))
                 .collect();
-            match failure {
-                Some(e) => Err(e),
-                None => Ok(results),
-            }
-        })?;
+            (results, failure)
+        });
         let elapsed = started.elapsed();
+        // The last epoch closes with the vCPUs stopped; the sink then sees the memory it saved.
+        let index = checkpoints.len() as u64;
+        let closing = checkpoint(tracker, mem, &mut shadow, sink, index, elapsed).and_then(|last| {
+            on_checkpoint(&last);
+            checkpoints.push(last);
+            sink.finish(mem).map_err(|e| RunError::Checkpoint {
+                index,
+                source: Box::new(e),
+            })
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
         let vcpus = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        // The last epoch closes with the vCPUs stopped.
-        let last = checkpoint(tracker, ram, &mut shadow, elapsed)?;
-        on_checkpoint(&last);
-        checkpoints.push(last);
+        closing?;
         tracker.stop()?;
 
-        let verified_bytes = verify(ram, &shadow)?;
+        let verified_bytes = verify(mem, &shadow)?;
         for ((p, r), id) in plans.iter().zip(&vcpus).zip(0u32..) {
             if r.finished {
-                check_slots(ram, id, &p.program)?;
+                check_slots(mem, id, &p.program)?;
             }
         }
         Ok(RunReport {
@@ -478,12 +537,12 @@ mod driver {
     }
 
     /// Base + diffs against guest memory, 1 MiB at a time.
-    fn verify<R: RamReader + ?Sized>(ram: &R, shadow: &[u8]) -> Result<u64, RunError> {
+    fn verify(mem: &GuestRam, shadow: &[u8]) -> Result<u64, RunError> {
         let mut chunk = vec![0u8; 1 << 20];
         let mut gpa = RAM_BASE;
         for expected in shadow.chunks(chunk.len()) {
             let actual = &mut chunk[..expected.len()];
-            ram.read_ram(gpa, actual)?;
+            read(mem, gpa, actual)?;
             if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
                 return Err(RunError::LostWrite {
                     gpa: gpa + u64::try_from(i).unwrap_or(0),
@@ -495,10 +554,10 @@ mod driver {
     }
 
     /// A finished vCPU's slots hold its last pass's value.
-    fn check_slots<R: RamReader + ?Sized>(ram: &R, id: u32, program: &StoreLoop) -> Result<(), RunError> {
+    fn check_slots(mem: &GuestRam, id: u32, program: &StoreLoop) -> Result<(), RunError> {
         let mut got = [0u8; 32];
         for (gpa, want) in program.expected(program.passes) {
-            ram.read_ram(gpa, &mut got)?;
+            read(mem, gpa, &mut got)?;
             if got != want {
                 return Err(RunError::WrongBytes {
                     vcpu: id,
@@ -556,14 +615,9 @@ mod native {
         }
     }
 
-    impl RamReader for HvfVm {
-        fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RunError> {
-            Ok(self.read(gpa, buf)?)
-        }
-    }
-
-    pub(super) fn run(
+    pub(super) fn run<S: CheckpointSink>(
         cfg: &StoreLoopRun,
+        sink: &mut S,
         on_checkpoint: &mut dyn FnMut(&CheckpointRecord),
     ) -> Result<RunReport, RunError> {
         let plans = layout(cfg)?;
@@ -575,13 +629,15 @@ mod native {
         let backend = vm.backend().map_err(VmError::from)?;
         let tracker = DirtyTracker::new(backend, &[ram], TrackingConfig::new(cfg.policy))?;
         let factory = HvfFactory(vm.instance().clone());
-        drive(cfg, &plans, &vm, &factory, &tracker, on_checkpoint)
+        drive(cfg, &plans, vm.memory(), &factory, &tracker, sink, on_checkpoint)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(not(hvf))]
+    use squib_snapshot::CountingSink;
 
     fn cfg(mem: u64, vcpus: u32, stride: u64) -> StoreLoopRun {
         StoreLoopRun {
@@ -592,6 +648,7 @@ mod tests {
             passes: 2,
             checkpoint_every: Duration::from_millis(10),
             run_for: Duration::from_secs(1),
+            stop_after_checkpoints: None,
         }
     }
 
@@ -638,9 +695,9 @@ mod tests {
     #[cfg(not(hvf))]
     #[test]
     fn test_should_say_hvf_is_unavailable_here_after_checking_the_layout() {
-        let e = run(&cfg(1 << 20, 1, 64), &mut |_| {}).unwrap_err();
+        let e = run(&cfg(1 << 20, 1, 64), &mut CountingSink, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("macOS on Apple Silicon"), "{e}");
-        let e = run(&cfg(1 << 20, 1, 8), &mut |_| {}).unwrap_err();
+        let e = run(&cfg(1 << 20, 1, 8), &mut CountingSink, &mut |_| {}).unwrap_err();
         assert!(matches!(e, RunError::Program(_)), "{e}");
     }
 }

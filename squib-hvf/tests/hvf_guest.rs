@@ -178,9 +178,10 @@ fn test_should_run_the_workload_with_live_checkpoints_and_lose_no_write() {
         passes: 2000,
         checkpoint_every: Duration::from_millis(2),
         run_for: Duration::from_secs(20),
+        stop_after_checkpoints: None,
     };
     let mut seen = 0;
-    let report = workload::run(&run, &mut |_| seen += 1).unwrap();
+    let report = workload::run(&run, &mut squib_snapshot::CountingSink, &mut |_| seen += 1).unwrap();
     assert!(report.vcpus.iter().all(|v| v.finished), "{:?}", report.vcpus);
     assert_eq!(report.verified_bytes, run.mem);
     assert_eq!(seen, report.checkpoints.len());

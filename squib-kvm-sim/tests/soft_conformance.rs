@@ -158,11 +158,20 @@ fn live_checkpoints_lose_nothing(policy: Policy) {
                 }
             });
         }
-        for _ in 0..40 {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            tracker
+        // Live checkpoints until 20 of them raced writes (a generous deadline fails instead).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut raced = 0;
+        while raced < 20 {
+            if std::time::Instant::now() >= deadline {
+                stop.store(true, Ordering::Relaxed);
+                panic!("{policy}: only {raced} live checkpoints held writes within 60 s");
+            }
+            let stats = tracker
                 .checkpoint(Some(vm.memory()), |r| copy(&mut shadow, r))
                 .unwrap();
+            if stats.dirty_bytes > 0 {
+                raced += 1;
+            }
         }
         stop.store(true, Ordering::Relaxed);
     });

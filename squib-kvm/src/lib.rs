@@ -24,7 +24,11 @@ pub mod guest;
 #[cfg(target_os = "linux")]
 pub mod layout;
 #[cfg(target_os = "linux")]
+pub mod pause;
+#[cfg(target_os = "linux")]
 pub mod runner;
+#[cfg(target_os = "linux")]
+pub mod threads;
 #[cfg(target_os = "linux")]
 pub mod uffd;
 #[cfg(target_os = "linux")]

@@ -35,6 +35,7 @@ use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilde
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, bitmap::AtomicBitmap};
 
 use super::layout::MemoryLayout;
+use super::threads::VcpuThreads;
 
 const PAGE: u64 = 4096;
 
@@ -44,6 +45,8 @@ pub struct UffdWpBackend {
     uffd: Uffd,
     /// Each RAM region and the host address of its first byte.
     regions: Vec<(GpaRange, usize)>,
+    /// Which thread runs which vCPU: a fault names its vCPU.
+    threads: Arc<VcpuThreads>,
     /// Keeps the registered mappings alive for as long as the descriptor is.
     _ram: Arc<GuestMemoryMmap<AtomicBitmap>>,
 }
@@ -58,17 +61,23 @@ fn os(op: &'static str, e: impl std::fmt::Display) -> BackendError {
 impl UffdWpBackend {
     /// Open a userfaultfd and register every RAM region of `layout` in `ram` for write-protect
     /// faults. Nothing is protected until `write_protect`. Every page of RAM must be present.
+    /// Faults name their vCPU through `threads`.
     ///
     /// # Errors
     /// [`BackendError::Os`] when userfaultfd is unavailable (no permission: see
     /// `vm.unprivileged_userfaultfd`), lacks write-protect support, or refuses a region.
-    pub fn new(ram: Arc<GuestMemoryMmap<AtomicBitmap>>, layout: &MemoryLayout) -> Result<Self, BackendError> {
+    pub fn new(
+        ram: Arc<GuestMemoryMmap<AtomicBitmap>>,
+        layout: &MemoryLayout,
+        threads: Arc<VcpuThreads>,
+    ) -> Result<Self, BackendError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             // KVM writes guest memory from kernel mode: those faults must be reported too.
             .user_mode_only(false)
-            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP)
+            // The faulting thread's id, mapped to its vCPU.
+            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP | FeatureFlags::THREAD_ID)
             .create()
             .map_err(|e| os("opening a write-protect userfaultfd", e))?;
         let mut regions = Vec::new();
@@ -84,8 +93,29 @@ impl UffdWpBackend {
         Ok(Self {
             uffd,
             regions,
+            threads,
             _ram: ram,
         })
+    }
+
+    /// Unregister every RAM region: tracking ends and every thread blocked on a write-protect
+    /// fault is woken to finish its write untracked. Only for tearing down a VM whose tracking
+    /// has failed, once no snapshot will be taken of it any more.
+    ///
+    /// # Errors
+    /// [`BackendError::Os`] when `UFFDIO_UNREGISTER` fails.
+    pub fn release_all(&self) -> Result<(), BackendError> {
+        for (r, host) in &self.regions {
+            let len = usize::try_from(r.len()).map_err(|e| os("sizing a RAM region", e))?;
+            let start = *host as *mut libc::c_void;
+            self.uffd
+                .unregister(start, len)
+                .map_err(|e| os("UFFDIO_UNREGISTER", e))?;
+            // Unregistering wakes the waiters of missing-page faults only, not of write-protect
+            // faults: wake those explicitly (the descriptor still reaches them).
+            self.uffd.wake(start, len).map_err(|e| os("UFFDIO_WAKE", e))?;
+        }
+        Ok(())
     }
 
     fn host(&self, range: GpaRange) -> Result<(*mut libc::c_void, usize), BackendError> {
@@ -126,12 +156,21 @@ impl UffdWpBackend {
     }
 
     /// Wait up to `timeout` for write-protect faults and hand each one's guest-physical address
-    /// to `on_fault`, which must resolve it: re-grant, mark, then [`wake`](Self::wake). Returns how many faults were handed over. Events that are not RAM
-    /// write-protect faults are woken without tracking, so no thread stays blocked.
+    /// and vCPU ([`GuestFault::NOT_A_VCPU`](squib_snapshot::GuestFault::NOT_A_VCPU) for a VMM
+    /// thread) to `on_fault`, which must resolve it: re-grant, mark, then [`wake`](Self::wake).
+    /// Returns how many faults were handed over. Events that are not RAM write-protect faults
+    /// are woken without tracking, so no thread stays blocked.
+    ///
+    /// When `on_fault` fails, serving stops there and the error is returned: the faults read
+    /// after it in the same batch stay blocked, never woken untracked.
     ///
     /// # Errors
-    /// [`BackendError::Os`] when polling or reading the descriptor fails.
-    pub fn serve(&self, timeout: Duration, on_fault: &mut dyn FnMut(u64)) -> Result<usize, BackendError> {
+    /// [`BackendError::Os`] when polling or reading the descriptor fails; `on_fault`'s error.
+    pub fn serve<E: From<BackendError>>(
+        &self,
+        timeout: Duration,
+        on_fault: &mut dyn FnMut(u64, u32) -> Result<(), E>,
+    ) -> Result<usize, E> {
         let mut pfd = libc::pollfd {
             fd: self.uffd.as_raw_fd(),
             events: libc::POLLIN,
@@ -148,7 +187,8 @@ impl UffdWpBackend {
             return Err(BackendError::Os {
                 op: "polling the userfaultfd",
                 source: e,
-            });
+            }
+            .into());
         }
         let mut n = 0;
         while let Some(event) = self
@@ -156,12 +196,18 @@ impl UffdWpBackend {
             .read_event()
             .map_err(|e| os("reading a userfaultfd event", e))?
         {
-            if let Event::Pagefault { kind, addr, .. } = event {
+            if let Event::Pagefault {
+                kind,
+                addr,
+                thread_id,
+                ..
+            } = event
+            {
                 let page = (addr as usize) & !4095usize;
                 match (kind, self.gpa_of_host(addr as usize)) {
                     (FaultKind::WriteProtected, Some(gpa)) => {
-                        on_fault(gpa);
                         n += 1;
+                        on_fault(gpa, self.threads.vcpu_of(thread_id.as_raw()))?;
                     }
                     _ => {
                         let _ = self.uffd.wake(page as *mut libc::c_void, 4096);

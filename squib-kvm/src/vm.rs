@@ -16,7 +16,6 @@ use kvm_bindings::{
     KVM_MEM_LOG_DIRTY_PAGES, kvm_enable_cap, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use parking_lot::{Condvar, Mutex};
 use squib_arch::{GpaRange, PageGeometry};
 use squib_snapshot::{BackendError, Stage2Backend, TrackingMechanism};
 use vm_memory::{
@@ -24,12 +23,16 @@ use vm_memory::{
     bitmap::AtomicBitmap,
 };
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::dirty_log::DirtyLogBackend;
 use super::guest::{
     GUEST_PORTS, GuestError, PORT_DONE, PORT_IDLE, PORT_PAUSE, PORT_PROGRESS, Workload, poke_program,
     workload_program,
 };
 use super::layout::{LayoutError, MemoryLayout, REGION_ALIGN};
+use super::pause::{Rendezvous, Want};
+use super::threads::VcpuThreads;
 use super::uffd::UffdWpBackend;
 
 /// Offsets in the system area.
@@ -73,10 +76,10 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     /// `/dev/kvm` could not be opened.
-    #[error("opening /dev/kvm: {0}")]
+    #[error("opening /dev/kvm")]
     Open(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Ioctl {
         /// What was being done.
         op: String,
@@ -116,14 +119,23 @@ pub enum KvmError {
     #[error("{0}")]
     Config(String),
     /// A checkpoint failed (its units were folded back).
-    #[error("{0}")]
-    Checkpoint(String),
+    #[error("checkpoint {index} failed")]
+    Checkpoint {
+        /// Which checkpoint.
+        index: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// vCPUs did not reach a pause in time.
     #[error("vCPUs did not pause within {0:?} (a vCPU blocked on an unserved fault?)")]
     PauseTimeout(Duration),
     /// A vCPU thread panicked or could not start.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// The uffd-wp handler met a fault the tracker refused, and the VM was stopped.
+    #[error(transparent)]
+    UntrackedFault(Arc<crate::runner::UntrackedFault>),
 }
 
 fn ioctl(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -215,15 +227,23 @@ pub struct VmConfig {
 }
 
 /// A KVM VM with squib's guest environment.
+///
+/// Drop order is part of memory safety: a memslot points KVM at host memory, and a VM (kept alive
+/// by its own fd and by every vCPU fd) may touch it until the last of those fds closes. So every
+/// holder of a VM or vCPU fd also holds the memory its slots point at and drops it after the fds:
+/// here the fields are declared fds first, mappings last (fields drop in declaration order); the
+/// dirty-log backend holds the VM fd before its RAM `Arc`; a running workload's threads own their
+/// vCPU fds and share `Control`, which holds both mappings.
 #[derive(Debug)]
 pub struct KvmVm {
+    vcpus: Vec<VcpuFd>,
     vm: Arc<VmFd>,
+    _kvm: Kvm,
     layout: MemoryLayout,
+    sregs: kvm_sregs,
+    threads: Arc<VcpuThreads>,
     ram: Arc<GuestMemoryMmap<AtomicBitmap>>,
     sys: Arc<GuestMemoryMmap<()>>,
-    vcpus: Vec<VcpuFd>,
-    sregs: kvm_sregs,
-    _kvm: Kvm,
 }
 
 /// Whether this host can run KVM guests (`/dev/kvm` exists).
@@ -355,8 +375,10 @@ impl KvmVm {
                 memory_size: size,
                 userspace_addr: host,
             };
-            // SAFETY: `host..host+size` is a live mapping owned by `ram` or `sys`, which this VM
-            // (and, for RAM, its backend) keeps alive for as long as the VM fd can use the slot.
+            // SAFETY: `host..host+size` is a live mapping owned by `ram` or `sys`. Every holder of
+            // this VM's fd or of one of its vCPU fds (this KvmVm, the dirty-log backend, a
+            // workload's Control and threads) also holds both `Arc`s and drops them after the fds
+            // (see KvmVm), so the mapping outlives every use KVM can make of the slot.
             unsafe { vm.set_user_memory_region(region) }.map_err(ioctl(format!(
                 "KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}"
             )))?;
@@ -365,6 +387,7 @@ impl KvmVm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let threads = Arc::new(VcpuThreads::new(usize::try_from(cfg.vcpus).unwrap_or(0)));
         let mut vcpus = Vec::new();
         let mut sregs = kvm_sregs::default();
         for i in 0..cfg.vcpus {
@@ -388,7 +411,11 @@ impl KvmVm {
                 Arc::clone(&ram),
             ))
         } else {
-            KvmBackend::UffdWp(UffdWpBackend::new(Arc::clone(&ram), &layout)?)
+            KvmBackend::UffdWp(UffdWpBackend::new(
+                Arc::clone(&ram),
+                &layout,
+                Arc::clone(&threads),
+            )?)
         };
         Ok((
             Self {
@@ -398,6 +425,7 @@ impl KvmVm {
                 sys,
                 vcpus,
                 sregs,
+                threads,
                 _kvm: kvm,
             },
             backend,
@@ -460,6 +488,7 @@ impl KvmVm {
         };
         v.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
         let id = u32::try_from(vcpu).unwrap_or(u32::MAX);
+        let _running = self.threads.enter(vcpu);
         loop {
             match v.run() {
                 Ok(VcpuExit::IoOut(PORT_DONE, _)) => return Ok(()),
@@ -508,8 +537,9 @@ impl KvmVm {
             .write_slice(&table, GuestAddress(sys + HOTSPOT_TABLE))
             .map_err(|e| KvmError::Memory(format!("writing the hotspot table: {e}")))?;
         let control = Arc::new(Control {
-            state: Mutex::new(CtlState::default()),
-            cv: Condvar::new(),
+            rz: Rendezvous::new(Want::Run),
+            progress_exits: AtomicU64::new(0),
+            _ram: Arc::clone(&self.ram),
             sys: Arc::clone(&self.sys),
             mailboxes: (0..u64::from(n))
                 .map(|i| sys + MAILBOXES + i * MAILBOX_SIZE)
@@ -546,10 +576,14 @@ impl KvmVm {
         let mut threads = Vec::new();
         for (i, v) in self.vcpus.drain(..).enumerate() {
             let c = Arc::clone(&control);
+            let registry = Arc::clone(&self.threads);
             let id = u32::try_from(i).unwrap_or(u32::MAX);
             let t = std::thread::Builder::new()
                 .name(format!("squib-vcpu{i}"))
-                .spawn(move || vcpu_loop(v, id, &c))
+                .spawn(move || {
+                    let _running = registry.enter(i);
+                    vcpu_loop(v, id, &c)
+                })
                 .map_err(|e| KvmError::Thread(e.to_string()))?;
             threads.push(t);
         }
@@ -679,22 +713,18 @@ fn build_system(layout: &MemoryLayout, sys: &GuestMemoryMmap<()>) -> Result<(), 
     Ok(())
 }
 
-#[derive(Debug, Default)]
-struct CtlState {
-    pause: bool,
-    stop: bool,
-    parked: u32,
-    exited: u32,
-    progress_exits: u64,
-}
-
 #[derive(Debug)]
 struct Control {
-    state: Mutex<CtlState>,
-    cv: Condvar,
-    sys: Arc<GuestMemoryMmap<()>>,
+    /// The pause protocol every squib vCPU thread follows ([`crate::pause`]); here the kick is
+    /// the mailbox request, so a workload stops between a write and the word that counts it.
+    rz: Rendezvous,
+    progress_exits: AtomicU64,
     mailboxes: Vec<u64>,
     first: Vec<u64>,
+    /// The system area and guest RAM, held for as long as any vCPU thread runs (or its fd
+    /// lives): a KvmVm dropped under running workers must not unmap what their vCPUs use.
+    sys: Arc<GuestMemoryMmap<()>>,
+    _ram: Arc<GuestMemoryMmap<AtomicBitmap>>,
 }
 
 impl Control {
@@ -734,24 +764,18 @@ fn vcpu_loop(mut v: VcpuFd, id: u32, c: &Control) -> (VcpuFd, Result<(), KvmErro
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => break Err(ioctl(format!("KVM_RUN on vCPU {id}"))(e)),
         };
-        let mut st = c.state.lock();
         match exit {
-            PORT_PROGRESS => st.progress_exits += 1,
+            PORT_PROGRESS => {
+                c.progress_exits.fetch_add(1, Ordering::Relaxed);
+            }
+            // The guest saw the mailbox request: it is between two writes.
             PORT_PAUSE => {
-                st.parked += 1;
-                c.cv.notify_all();
-                while st.pause && !st.stop {
-                    c.cv.wait(&mut st);
-                }
-                st.parked -= 1;
-            }
-            PORT_IDLE => {
-                if !st.pause && !st.stop {
-                    c.cv.wait_for(&mut st, Duration::from_millis(1));
+                if c.rz.park() == Want::Stop {
+                    break Ok(());
                 }
             }
+            PORT_IDLE => c.rz.idle(Duration::from_millis(1)),
             other => {
-                drop(st);
                 let rip = v.get_regs().map(|r| r.rip).unwrap_or(0);
                 break Err(KvmError::UnexpectedExit {
                     vcpu: id,
@@ -760,14 +784,14 @@ fn vcpu_loop(mut v: VcpuFd, id: u32, c: &Control) -> (VcpuFd, Result<(), KvmErro
                 });
             }
         }
-        if st.stop {
+        if c.rz.want() == Want::Stop {
             break Ok(());
         }
     };
-    let mut st = c.state.lock();
-    st.exited += 1;
-    c.cv.notify_all();
-    drop(st);
+    match &r {
+        Ok(()) => c.rz.exit(),
+        Err(e) => c.rz.fail(e.to_string()),
+    }
     (v, r)
 }
 
@@ -797,26 +821,18 @@ impl Workers {
     /// # Errors
     /// [`KvmError::PauseTimeout`] if a vCPU did not pause in time (the request stays set).
     pub fn pause(&self, timeout: Duration) -> Result<(), KvmError> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.control.state.lock();
-        st.pause = true;
+        self.control.rz.request(Want::Pause);
         self.control.request(true);
-        self.control.cv.notify_all();
-        let n = u32::try_from(self.threads.len()).unwrap_or(u32::MAX);
-        while st.parked + st.exited < n {
-            if self.control.cv.wait_until(&mut st, deadline).timed_out() {
-                return Err(KvmError::PauseTimeout(timeout));
-            }
-        }
-        Ok(())
+        self.control
+            .rz
+            .wait_settled(self.threads.len(), timeout)
+            .map_err(|_| KvmError::PauseTimeout(timeout))
     }
 
     /// Let paused vCPUs run again.
     pub fn resume(&self) {
-        let mut st = self.control.state.lock();
-        st.pause = false;
         self.control.request(false);
-        self.control.cv.notify_all();
+        self.control.rz.request(Want::Run);
     }
 
     /// Guest writes made so far, summed over vCPUs (updated every [`CHECK_EVERY`](super::guest::CHECK_EVERY) writes).
@@ -830,13 +846,13 @@ impl Workers {
     /// Progress exits taken so far.
     #[must_use]
     pub fn progress_exits(&self) -> u64 {
-        self.control.state.lock().progress_exits
+        self.control.progress_exits.load(Ordering::Relaxed)
     }
 
     /// Whether a vCPU thread has ended (it failed, unless a stop was requested).
     #[must_use]
     pub fn any_exited(&self) -> bool {
-        self.control.state.lock().exited > 0
+        self.control.rz.exited() > 0
     }
 
     fn finish(mut self) -> (Vec<VcpuFd>, RunStats, Option<KvmError>) {
@@ -844,12 +860,8 @@ impl Workers {
     }
 
     fn join(&mut self) -> (Vec<VcpuFd>, RunStats, Option<KvmError>) {
-        {
-            let mut st = self.control.state.lock();
-            st.stop = true;
-            self.control.request(true);
-            self.control.cv.notify_all();
-        }
+        self.control.rz.request(Want::Stop);
+        self.control.request(true);
         let mut vcpus = Vec::new();
         let mut err = None;
         for t in std::mem::take(&mut self.threads) {
@@ -870,7 +882,7 @@ impl Workers {
             .sum();
         let stats = RunStats {
             writes,
-            progress_exits: self.control.state.lock().progress_exits,
+            progress_exits: self.control.progress_exits.load(Ordering::Relaxed),
             elapsed: self.started.elapsed(),
         };
         (vcpus, stats, err)

@@ -5,7 +5,7 @@ mod kvm_support;
 
 use std::time::Duration;
 
-use kvm_support::{kvm_or_skip, split_layout};
+use kvm_support::{DEADLINE, kvm_or_skip, serve_until, split_layout};
 use squib_arch::GpaRange;
 use squib_kvm::runner::serve_faults;
 use squib_kvm::{KvmBackend, KvmVm, MemoryLayout, Tracking, VmConfig};
@@ -44,8 +44,21 @@ impl Harness for KvmHarness {
             None => vm.poke(0, gpa, len, 0x5A).map_err(|e| e.to_string())?,
             Some(uffd) => std::thread::scope(|s| {
                 let h = s.spawn(|| vm.poke(0, gpa, len, 0x5A));
-                while !h.is_finished() {
-                    serve_faults(tracker, uffd, Duration::from_millis(2)).map_err(|e| e.to_string())?;
+                let mut served = Ok(());
+                let late = serve_until(
+                    || h.is_finished(),
+                    || {
+                        if served.is_ok() {
+                            served = serve_faults(tracker, uffd, Duration::from_millis(2)).map(drop);
+                        }
+                    },
+                    "a poke",
+                );
+                served.map_err(|e| e.to_string())?;
+                if late {
+                    return Err(format!(
+                        "a poke of {len} bytes at {gpa:#x} did not complete within {DEADLINE:?}"
+                    ));
                 }
                 h.join()
                     .map_err(|_| "vCPU thread panicked".to_string())?

@@ -3,9 +3,7 @@
 #![cfg(target_os = "linux")]
 mod kvm_support;
 
-use std::time::Duration;
-
-use kvm_support::{kvm_or_skip, split_layout};
+use kvm_support::{DEADLINE, kvm_or_skip, split_layout, wait_for};
 use squib_arch::GpaRange;
 use squib_kvm::{Machine, Tracking, VmConfig, Workload};
 use squib_snapshot::{Policy, TrackingConfig};
@@ -46,7 +44,7 @@ fn run(tracking: Tracking, policy: Policy, spec: &str) {
     // The workload covers 12 MiB: all of slot 0 and half of slot 1. The VMM writes past it.
     let w: Workload = spec.parse().unwrap();
     let workers = m.vm.start(&w).unwrap();
-    std::thread::sleep(Duration::from_millis(10));
+    wait_for("the guest's first writes", || workers.writes() > 0);
     // Base: protect everything, then copy everything, with the vCPUs running.
     m.tracker.start().unwrap();
     let base: Diff = layout
@@ -57,7 +55,9 @@ fn run(tracking: Tracking, policy: Policy, spec: &str) {
     let mut diffs = Vec::new();
     let vmm_gpa = layout.ram()[1].end() - 4096 + 24;
     for i in 0..4u64 {
-        std::thread::sleep(Duration::from_millis(25));
+        // Each live epoch holds guest writes: wait for the guest to make more.
+        let before = workers.writes();
+        wait_for("guest writes between checkpoints", || workers.writes() > before);
         if i == 1 {
             // A device-model write: no guest fault, in both modes it must reach a diff.
             m.vm.ram()
@@ -66,7 +66,8 @@ fn run(tracking: Tracking, policy: Policy, spec: &str) {
         }
         diffs.push(checkpoint(&m));
     }
-    workers.pause(Duration::from_secs(10)).unwrap();
+    wait_for("256 guest writes", || workers.writes() >= 256);
+    workers.pause(DEADLINE).unwrap();
     diffs.push(checkpoint(&m));
     let live: Diff = layout
         .ram()

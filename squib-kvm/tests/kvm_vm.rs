@@ -2,9 +2,7 @@
 #![cfg(target_os = "linux")]
 mod kvm_support;
 
-use std::time::Duration;
-
-use kvm_support::{kvm_or_skip, split_layout};
+use kvm_support::{DEADLINE, kvm_or_skip, split_layout, wait_for};
 use squib_kvm::{KvmVm, Tracking, VmConfig, Workload};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -51,12 +49,24 @@ fn test_should_run_a_workload_on_several_vcpus_and_pause_it() {
     let (mut vm, _backend) = KvmVm::new(&cfg).unwrap();
     let w: Workload = "seq:seed=3".parse().unwrap();
     let workers = vm.start(&w).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    workers.pause(Duration::from_secs(5)).unwrap();
+    wait_for("the workload's first writes", || workers.writes() > 0);
+    workers.pause(DEADLINE).unwrap();
+    // `pause` returned: every vCPU thread that has not ended is parked in the host, outside
+    // KVM_RUN, so the guest cannot run; none has ended (that would be a failure).
+    assert!(!workers.any_exited(), "a vCPU thread ended");
     let n = workers.writes();
-    std::thread::sleep(Duration::from_millis(20));
+    let image = |vm: &KvmVm| {
+        let mut buf = vec![0u8; 16 << 20];
+        vm.ram().read_slice(&mut buf[..8 << 20], GuestAddress(0)).unwrap();
+        vm.ram()
+            .read_slice(&mut buf[8 << 20..], GuestAddress(32 << 20))
+            .unwrap();
+        buf
+    };
+    let at_pause = image(&vm);
+    assert!(image(&vm) == at_pause, "guest memory changed while paused");
     assert_eq!(workers.writes(), n, "paused vCPUs must not write");
-    assert!(n > 0, "the workload made no writes");
+    assert!(n > 0);
     workers.resume();
     let stats = vm.stop(workers).unwrap();
     assert!(stats.writes >= n);
@@ -67,8 +77,8 @@ fn test_should_run_a_workload_on_several_vcpus_and_pause_it() {
     assert_eq!(second >> 56, 2, "vCPU 1 wrote the start of slot 1");
 }
 
-/// Run `spec` on one vCPU until it made `min_writes` writes (or 5 s passed), and return RAM's
-/// qwords (window order) and the writes.
+/// Run `spec` on one vCPU until it made `min_writes` writes (failing after a generous deadline),
+/// and return RAM's qwords (window order) and the writes.
 fn run_shape(spec: &str, min_writes: u64) -> (Vec<u64>, u64) {
     let layout = split_layout();
     let cfg = VmConfig {
@@ -79,11 +89,9 @@ fn run_shape(spec: &str, min_writes: u64) -> (Vec<u64>, u64) {
     let (mut vm, _backend) = KvmVm::new(&cfg).unwrap();
     let w: Workload = spec.parse().unwrap();
     let workers = vm.start(&w).unwrap();
-    let t = std::time::Instant::now();
-    std::thread::sleep(Duration::from_millis(5));
-    while workers.writes() < min_writes && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(&format!("{spec}: {min_writes} writes"), || {
+        workers.writes() >= min_writes || workers.any_exited()
+    });
     let stats = vm.stop(workers).unwrap();
     let mut words = Vec::new();
     for r in layout.ram() {
@@ -172,4 +180,34 @@ fn idle_and_hotspot(written: &dyn Fn(&[u64]) -> Vec<u64>) {
     let (words, writes) = run_shape("idle", 0);
     assert_eq!(writes, 0);
     assert!(written(&words).is_empty(), "idle wrote guest memory");
+}
+
+#[test]
+fn test_should_keep_guest_ram_mapped_while_any_vcpu_runs() {
+    if !kvm_or_skip("test_should_keep_guest_ram_mapped_while_any_vcpu_runs") {
+        return;
+    }
+    let cfg = VmConfig {
+        layout: split_layout(),
+        vcpus: 2,
+        tracking: Tracking::DirtyLog,
+    };
+    let (mut vm, backend) = KvmVm::new(&cfg).unwrap();
+    let ram = std::sync::Arc::downgrade(vm.ram());
+    let w: Workload = "seq:seed=5".parse().unwrap();
+    let workers = vm.start(&w).unwrap();
+    // Drop every owner of the VM but the running vCPUs: their memslots still point at RAM.
+    drop(backend);
+    drop(vm);
+    assert!(
+        ram.upgrade().is_some(),
+        "guest RAM was unmapped while vCPUs of its VM still ran"
+    );
+    let n = workers.writes();
+    wait_for("the vCPUs to write on after their VM's owner was dropped", || {
+        workers.writes() > n + 256
+    });
+    assert!(!workers.any_exited(), "a vCPU thread ended");
+    drop(workers);
+    assert!(ram.upgrade().is_none(), "guest RAM outlived every fd of its VM");
 }

@@ -51,7 +51,7 @@ fn main() {
     );
 
     let t = Instant::now();
-    machine.pause();
+    machine.pause().expect("pause");
     println!("pause {:?}", t.elapsed());
     let t = Instant::now();
     let meta = snapshot::meta(&machine).expect("capture");
@@ -69,7 +69,7 @@ fn main() {
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
-        machine.pause();
+        machine.pause().expect("pause");
         let paused = t.elapsed();
         let t = Instant::now();
         let d = snapshot::save(&machine, Target::Chain(&mut chain)).expect("diff");

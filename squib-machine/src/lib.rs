@@ -61,6 +61,7 @@ pub mod mptable;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 
 use std::path::Path;
@@ -68,14 +69,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    CpuId, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_enable_cap, kvm_irqchip, kvm_lapic_state, kvm_msr_entry, kvm_pit_config,
-    kvm_userspace_memory_region,
+    CpuId, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_XSAVE2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, Msrs, Xsave, kvm_enable_cap, kvm_irqchip,
+    kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use parking_lot::Mutex;
 use squib_arch::GpaRange;
+use squib_snapshot::report::ErrorChain;
 use squib_snapshot::{DirtyTracker, Policy, TrackingConfig};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vm_superio::Serial;
@@ -87,11 +89,15 @@ pub use console::{Capture, Console};
 pub use state::{MachineState, VcpuState};
 
 use serial::IrqTrigger;
+use squib_kvm::pause::{NotSettled, Rendezvous, Want};
 use squib_kvm::{DirtyLogBackend, MemoryLayout};
-use vcpu::{Control, Devices, Want};
+use vcpu::Devices;
 
 /// Path of squib's test guest kernel, built from `guest/kernel.S` by this crate's build.
 pub const GUEST_KERNEL: &str = env!("SQUIB_GUEST_KERNEL");
+
+/// How long [`Machine::pause`] (and stopping the machine) waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The most vCPUs the machine (and the test guest) supports.
 pub const MAX_VCPUS: u8 = 2;
@@ -130,6 +136,9 @@ pub enum MachineError {
     /// An operation needs the vCPUs paused.
     #[error("the machine must be paused to {0}")]
     NotPaused(&'static str),
+    /// vCPUs did not park (or stop) in time.
+    #[error(transparent)]
+    NotSettled(NotSettled),
     /// A KVM MSR read or write stopped short.
     #[error("KVM {op}: MSR {index:#x} was refused")]
     Msr {
@@ -275,9 +284,10 @@ pub fn copy_memory(src: &GuestMemory) -> Result<GuestMemory, MachineError> {
 /// Dropping it stops the vCPU threads.
 pub struct Machine {
     // Field order is drop order: threads end (in Drop) before the VM, the VM
-    // before the memory it maps.
+    // before the memory it maps; the page server's watcher stops first of all.
+    watch: Option<uffd::Watch>,
     handles: Vec<JoinHandle<()>>,
-    control: Arc<Control>,
+    control: Arc<Rendezvous>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     devices: Arc<Devices>,
     tracker: Option<DirtyTracker<DirtyLogBackend>>,
@@ -403,7 +413,7 @@ impl Machine {
         let mut vcpus = Vec::new();
         for (index, vs) in (0u64..).zip(&state.vcpus) {
             let fd = vm.create_vcpu(index).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            restore_vcpu(&fd, vs)?;
+            restore_vcpu(&fd, vs, xsave_size(&vm))?;
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         let want = if paused { Want::Pause } else { Want::Run };
@@ -418,8 +428,33 @@ impl Machine {
         )?;
         if paused {
             // Wait until every thread has parked, so that `is_paused` holds on return.
-            machine.pause();
+            machine.pause()?;
         }
+        Ok(machine)
+    }
+
+    /// As [`Machine::restore`], over memory a page-fault handler serves
+    /// ([`uffd::UffdMemory::handshake`]). The machine keeps the handler's connection and its own
+    /// copy of the userfaultfd for its whole life, and watches the connection: if the handler
+    /// hangs up, the machine records the failure and stops for good (see [`uffd`]).
+    ///
+    /// # Errors
+    /// As [`Machine::restore`]; also [`MachineError::Thread`] if the watcher cannot start.
+    pub fn restore_served(
+        state: &MachineState,
+        served: uffd::ServedMemory,
+        console: Console,
+        options: RestoreOptions,
+    ) -> Result<Self, MachineError> {
+        let uffd::ServedMemory { memory, server } = served;
+        let mut machine = Self::restore(state, memory, console, options)?;
+        let halter = uffd::Halter::new(Arc::clone(&machine.control), &machine.handles);
+        machine.watch = Some(
+            uffd::Watch::start(server, halter).map_err(|source| MachineError::Thread {
+                index: machine.handles.len(),
+                source,
+            })?,
+        );
         Ok(machine)
     }
 
@@ -440,8 +475,9 @@ impl Machine {
         } else {
             None
         };
-        let control = Arc::new(Control::new(want));
+        let control = Arc::new(Rendezvous::new(want));
         let mut machine = Self {
+            watch: None,
             handles: Vec::new(),
             control,
             vcpus,
@@ -457,6 +493,7 @@ impl Machine {
                 Arc::clone(fd),
                 Arc::clone(&machine.control),
                 Arc::clone(&machine.devices),
+                Arc::clone(&machine.memory),
             )
             .map_err(|source| MachineError::Thread { index, source })?;
             machine.handles.push(handle);
@@ -506,14 +543,31 @@ impl Machine {
         self.control.is_paused(self.handles.len())
     }
 
-    /// Stop the vCPUs at a point where their state is complete; returns once all are parked.
-    pub fn pause(&self) {
-        vcpu::stop_all(&self.control, &self.handles, Want::Pause);
+    /// Stop the vCPUs at a point where their state is complete; returns once all are parked,
+    /// or after [`PAUSE_TIMEOUT`] with an error naming how many were not.
+    ///
+    /// # Errors
+    /// [`MachineError::NotSettled`] when a vCPU does not park in time.
+    pub fn pause(&self) -> Result<(), MachineError> {
+        vcpu::stop_all(&self.control, &self.handles, Want::Pause, PAUSE_TIMEOUT)
+            .map_err(MachineError::NotSettled)
     }
 
-    /// Let paused vCPUs run on.
+    /// Let paused vCPUs run on (a machine stopped by [`Machine::halt`] or by a failure of its
+    /// page server stays stopped).
     pub fn resume(&self) {
         vcpu::resume_all(&self.control);
+    }
+
+    /// Stop the vCPUs for good (after a failure, say): they leave `KVM_RUN` and their threads
+    /// end; the machine never runs guest code again. Waits at most `timeout` for the threads to
+    /// end; a thread held inside `KVM_RUN` (blocked on a page fault nobody serves) ends when it
+    /// returns, since the request stays.
+    ///
+    /// # Errors
+    /// [`MachineError::NotSettled`] naming how many vCPU threads had not ended in time.
+    pub fn halt(&self, timeout: std::time::Duration) -> Result<(), MachineError> {
+        vcpu::stop_all(&self.control, &self.handles, Want::Stop, timeout).map_err(MachineError::NotSettled)
     }
 
     /// Capture the complete machine state (memory excepted). The machine must be paused.
@@ -531,7 +585,7 @@ impl Machine {
         let mut vcpus = Vec::new();
         for fd in &self.vcpus {
             let fd = fd.lock();
-            vcpus.push(capture_vcpu(&fd, msr_list.as_slice())?);
+            vcpus.push(capture_vcpu(&fd, msr_list.as_slice(), xsave_size(&self.vm))?);
         }
         let chip = |chip_id| -> Result<kvm_irqchip, MachineError> {
             let mut c = kvm_irqchip {
@@ -556,10 +610,22 @@ impl Machine {
 }
 
 impl Drop for Machine {
+    /// Stop the vCPU threads and join them. A thread that does not stop in time (stuck in the
+    /// kernel) is left behind rather than waited for forever; it holds the vCPU (and through the
+    /// kick guard its `kvm_run`) and ends with the process.
     fn drop(&mut self) {
-        vcpu::stop_all(&self.control, &self.handles, Want::Stop);
+        // The page server's watcher kicks vCPU threads by pthread id: it goes before any thread
+        // may be joined or left behind.
+        if let Some(w) = self.watch.as_mut() {
+            w.stop();
+        }
+        if let Err(e) = vcpu::stop_all(&self.control, &self.handles, Want::Stop, PAUSE_TIMEOUT) {
+            tracing::error!(error = %e, "machine dropped with vCPU threads still running");
+        }
         for h in self.handles.drain(..) {
-            let _ = h.join();
+            if h.is_finished() {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -575,10 +641,10 @@ fn new_tracker(vm: &Arc<VmFd>, memory: &Arc<GuestMemory>) -> Result<MachineTrack
         .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {e}")))?;
     let backend = DirtyLogBackend::new(Arc::clone(vm), layout, Arc::clone(memory));
     let tracker = DirtyTracker::new(backend, &ram, TrackingConfig::new(Policy::Fine))
-        .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {e}")))?;
-    tracker
-        .start()
-        .map_err(|e| MachineError::InvalidConfig(format!("starting dirty-page tracking: {e}")))?;
+        .map_err(|e| MachineError::InvalidConfig(format!("dirty-page tracking: {}", ErrorChain(&e))))?;
+    tracker.start().map_err(|e| {
+        MachineError::InvalidConfig(format!("starting dirty-page tracking: {}", ErrorChain(&e)))
+    })?;
     Ok(tracker)
 }
 
@@ -707,13 +773,71 @@ fn get_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, MachineErro
     Ok(out)
 }
 
-fn capture_vcpu(fd: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, MachineError> {
+/// Bytes of the XSAVE area KVM copies for this VM: `KVM_CAP_XSAVE2`'s answer, which exceeds the
+/// 4 KiB `kvm_xsave` once the process has dynamic XSTATE permission (AMX), or 4 KiB where the
+/// capability is absent.
+fn xsave_size(vm: &VmFd) -> usize {
+    let legacy = std::mem::size_of::<kvm_xsave>();
+    usize::try_from(vm.check_extension_raw(u64::from(KVM_CAP_XSAVE2)))
+        .unwrap_or(0)
+        .max(legacy)
+}
+
+/// The XSAVE area, of the size KVM copies: `KVM_GET_XSAVE2` into a buffer that large where it
+/// exceeds 4 KiB, `KVM_GET_XSAVE` otherwise.
+fn get_xsave(fd: &VcpuFd, size: usize) -> Result<Vec<u32>, MachineError> {
+    let legacy = std::mem::size_of::<kvm_xsave>();
+    if size <= legacy {
+        return Ok(fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?.region.to_vec());
+    }
+    let extra = (size - legacy).div_ceil(4);
+    let mut xsave = Xsave::new(extra)
+        .map_err(|_| MachineError::StateMismatch(format!("an XSAVE area of {size} bytes")))?;
+    // SAFETY: `xsave` holds `size` bytes (the 4 KiB header plus `extra` words), the size KVM
+    // reported for KVM_GET_XSAVE2 on this VM, so KVM writes within it.
+    unsafe { fd.get_xsave2(&mut xsave) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
+    let mut words = xsave.as_fam_struct_ref().xsave.region.to_vec();
+    words.extend_from_slice(xsave.as_slice());
+    Ok(words)
+}
+
+/// Load an XSAVE area captured by [`get_xsave`], refusing one larger than this host's.
+fn set_xsave(fd: &VcpuFd, words: &[u32], size: usize) -> Result<(), MachineError> {
+    let legacy = std::mem::size_of::<kvm_xsave>();
+    let host_words = size.div_ceil(4);
+    if words.len() > host_words {
+        return Err(MachineError::StateMismatch(format!(
+            "an XSAVE area of {} bytes, where this host's KVM takes {size}",
+            words.len() * 4
+        )));
+    }
+    let head = words.len().min(legacy / 4);
+    if size <= legacy {
+        let mut x = kvm_xsave::default();
+        x.region[..head].copy_from_slice(&words[..head]);
+        // SAFETY: KVM copies `size` bytes from the pointer, and `size` is at most the 4 KiB of
+        // the `kvm_xsave` passed.
+        return unsafe { fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"));
+    }
+    let mut xsave = Xsave::new(host_words - legacy / 4)
+        .map_err(|_| MachineError::StateMismatch(format!("an XSAVE area of {size} bytes")))?;
+    // SAFETY: the FAM header is plain data; only its region is written.
+    unsafe { xsave.as_mut_fam_struct() }.xsave.region[..head].copy_from_slice(&words[..head]);
+    if words.len() > head {
+        xsave.as_mut_slice()[..words.len() - head].copy_from_slice(&words[head..]);
+    }
+    // SAFETY: `xsave` holds the `size` bytes KVM reports for this VM (header plus FAM), so
+    // KVM_SET_XSAVE, which copies that many, reads within it.
+    unsafe { fd.set_xsave2(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))
+}
+
+fn capture_vcpu(fd: &VcpuFd, msr_list: &[u32], xsave_size: usize) -> Result<VcpuState, MachineError> {
     // MP state first: reading it makes KVM process pending INIT/SIPI, which
     // changes the registers and LAPIC read after it.
     let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    let xsave = fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+    let xsave = get_xsave(fd, xsave_size)?;
     let xcrs = fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
     let debug_regs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
@@ -775,7 +899,7 @@ pub fn restore_order_msrs(msrs: &[kvm_msr_entry]) -> (Vec<kvm_msr_entry>, Vec<kv
     (first, deferred)
 }
 
-fn restore_vcpu(fd: &VcpuFd, vs: &VcpuState) -> Result<(), MachineError> {
+fn restore_vcpu(fd: &VcpuFd, vs: &VcpuState, xsave_size: usize) -> Result<(), MachineError> {
     // The TSC's rate before anything that reads or writes TSC values.
     if let Some(saved) = vs.tsc_khz {
         let host = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
@@ -793,9 +917,7 @@ fn restore_vcpu(fd: &VcpuFd, vs: &VcpuState) -> Result<(), MachineError> {
         .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     fd.set_regs(&vs.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     fd.set_sregs(&vs.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-    // SAFETY: `vs.xsave` is a plain kvm_xsave (4 KiB region) as KVM_GET_XSAVE
-    // returned it; KVM copies no more than that struct's size.
-    unsafe { fd.set_xsave(&vs.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+    set_xsave(fd, &vs.xsave, xsave_size)?;
     fd.set_xcrs(&vs.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
     fd.set_debug_regs(&vs.debug_regs)
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;

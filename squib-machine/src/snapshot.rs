@@ -35,8 +35,8 @@ use squib_arch::{GpaRange, PageGeometry};
 use squib_snapshot::snapshot::restore::restore_chain;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
 use squib_snapshot::snapshot::{
-    Chain, ChainWriter, DirectIo, ParentRef, RestoreMode, SavedSnapshot, SnapshotError, SnapshotMeta,
-    SnapshotState,
+    Chain, ChainWriter, DirectIo, ParentRef, RestoreMode, SavedSnapshot, SnapshotError, SnapshotKind,
+    SnapshotMeta, SnapshotState,
 };
 use squib_snapshot::{BackendError, CheckpointError};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, VolatileSlice};
@@ -57,13 +57,13 @@ pub enum MachineSnapshotError {
     #[error(transparent)]
     Files(#[from] SnapshotError),
     /// KVM's dirty log could not be read or cleared.
-    #[error("dirty-page tracking: {0}")]
+    #[error("dirty-page tracking")]
     Track(#[from] BackendError),
     /// A diff of a machine that does not track dirty pages.
     #[error("{0}: needs a machine that tracks dirty pages")]
     NotTracking(&'static str),
     /// The snapshot's machine sections are missing or unreadable.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     State {
         /// The state file.
         path: PathBuf,
@@ -78,6 +78,23 @@ pub enum MachineSnapshotError {
         /// What is wrong.
         reason: String,
     },
+    /// A diff was to be loaded over memory a page-fault handler serves.
+    #[error(
+        "{path}: a Diff snapshot; its memory is spread over its chain's memory files, and a \
+         page-fault handler is told about one file (load it with backend_type File, which \
+         applies the chain, or merge the chain into a Full snapshot first)"
+    )]
+    NeedsChain {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// The machine failed while the snapshot was being written (its page-fault handler died,
+    /// say): memory read after the failure may not be the guest's, so the snapshot was removed.
+    #[error("the guest failed during the save, which was discarded: {0}")]
+    FailedDuring(String),
+    /// The machine has failed: its memory or state can no longer be trusted.
+    #[error("the guest has failed: {0}")]
+    Failed(String),
 }
 
 /// Where a save goes.
@@ -123,7 +140,30 @@ fn write(
 /// # Errors
 /// [`MachineSnapshotError`]: not paused, a diff without tracking, the tracker or the files.
 /// Nothing appears at the destination on error, and a failed diff's pages stay dirty.
-pub fn save(machine: &Machine, mut target: Target<'_>) -> Result<SavedSnapshot, MachineSnapshotError> {
+pub fn save(machine: &Machine, target: Target<'_>) -> Result<SavedSnapshot, MachineSnapshotError> {
+    if let Some(why) = machine.failure() {
+        return Err(MachineSnapshotError::Failed(why));
+    }
+    let dest = match &target {
+        Target::Full(d) | Target::Diff(d, _) => Some(d.to_path_buf()),
+        Target::Chain(_) => None,
+    };
+    let saved = save_paused(machine, target)?;
+    // A failure recorded while the memory was being copied may mean the copy read pages that were
+    // never the guest's (a page server's memory released after its server died): discard it.
+    // (A chain's member stays: the writer counts it; the error says what happened.)
+    if let Some(why) = machine.failure() {
+        if let Some(written) = dest
+            && let Err(e) = std::fs::remove_dir_all(&written)
+        {
+            tracing::error!(path = %written.display(), error = %e, "cannot remove a snapshot taken across a guest failure");
+        }
+        return Err(MachineSnapshotError::FailedDuring(why));
+    }
+    Ok(saved)
+}
+
+fn save_paused(machine: &Machine, mut target: Target<'_>) -> Result<SavedSnapshot, MachineSnapshotError> {
     let meta = meta(machine)?;
     let mem = machine.memory();
     let Some(tracker) = machine.tracker() else {
@@ -175,17 +215,28 @@ pub fn load(dir: &Path, mode: RestoreMode) -> Result<LoadedMachine, MachineSnaps
     let chain = Chain::load(dir)?;
     chain.check_target(Some(BACKEND), Some(&PageGeometry::X86_64))?;
     let leaf = chain.leaf();
-    let path = leaf.state_path.clone();
-    let state = MachineState::from_sections(&leaf.state.vcpus, &leaf.state.devices).map_err(|source| {
+    let state = machine_state(&leaf.state, &leaf.state_path)?;
+    let restored = restore_chain(&chain, mode)?;
+    Ok(LoadedMachine {
+        state,
+        memory: restored.memory,
+        snapshot: restored.state,
+        dir: leaf.dir.clone(),
+    })
+}
+
+/// The machine state in `snap`'s sections, checked against its memory layout (spec 18 §1).
+fn machine_state(snap: &SnapshotState, path: &Path) -> Result<MachineState, MachineSnapshotError> {
+    let state = MachineState::from_sections(&snap.vcpus, &snap.devices).map_err(|source| {
         MachineSnapshotError::State {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         }
     })?;
-    let layout = &leaf.state.layout;
+    let layout = &snap.layout;
     if layout.len() != 1 || layout[0].gpa != 0 || layout[0].len != state.mem_size {
         return Err(MachineSnapshotError::Layout {
-            path,
+            path: path.to_path_buf(),
             reason: format!(
                 "memory layout {:?} is not one RAM region at 0 of the {} bytes the machine state has",
                 layout
@@ -196,13 +247,41 @@ pub fn load(dir: &Path, mode: RestoreMode) -> Result<LoadedMachine, MachineSnaps
             ),
         });
     }
-    let restored = restore_chain(&chain, mode)?;
-    Ok(LoadedMachine {
-        state,
-        memory: restored.memory,
-        snapshot: restored.state,
-        dir: leaf.dir.clone(),
-    })
+    Ok(state)
+}
+
+/// A full machine snapshot's state file alone, for a restore whose memory another process serves
+/// (a page-fault handler, [`crate::uffd`]): its memory file is not opened, since the handler
+/// reads it. Returns the machine state and the snapshot's state (its layout gives the handler's
+/// file offsets).
+///
+/// # Errors
+/// [`MachineSnapshotError`] naming the state file: unreadable, not a `kvm`/x86-64 machine
+/// snapshot, or a diff. A diff's memory is spread over its chain's memory files, and
+/// Firecracker's handshake tells a handler about one file: such a load is refused with the
+/// reason (load it from its files, or merge the chain first).
+pub fn load_state(state_path: &Path) -> Result<(MachineState, SnapshotState), MachineSnapshotError> {
+    let snap = squib_snapshot::snapshot::load::read_state(state_path)?;
+    let mismatch = |what: String| MachineSnapshotError::Layout {
+        path: state_path.to_path_buf(),
+        reason: what,
+    };
+    if snap.backend != BACKEND {
+        return Err(mismatch(format!(
+            "written by backend {:?}, not a {BACKEND:?} machine snapshot",
+            snap.backend
+        )));
+    }
+    if snap.geometry != PageGeometry::X86_64 {
+        return Err(mismatch("not an x86-64 snapshot".to_owned()));
+    }
+    if snap.kind != SnapshotKind::Full {
+        return Err(MachineSnapshotError::NeedsChain {
+            path: state_path.to_path_buf(),
+        });
+    }
+    let state = machine_state(&snap, state_path)?;
+    Ok((state, snap))
 }
 
 /// A copy of guest RAM's layout that holds dirty pages between the pause and the write.
@@ -279,7 +358,10 @@ pub fn save_live_diff(
     at_pause: impl FnOnce(),
 ) -> Result<LiveSave, MachineSnapshotError> {
     let t = std::time::Instant::now();
-    machine.pause();
+    if let Err(e) = machine.pause() {
+        machine.resume();
+        return Err(e.into());
+    }
     at_pause();
     if chain.leaf().is_none() {
         let saved = save(machine, Target::Chain(chain));

@@ -1,85 +1,24 @@
 //! vCPU threads, and how the machine stops them at a point where their state
 //! can be read.
 //!
-//! A vCPU inside `KVM_RUN` is kicked out with a real-time signal whose handler
-//! does nothing: the ioctl returns `EINTR`. A kick can land just before the
-//! thread re-enters `KVM_RUN` and be lost, so the pauser repeats it until every
-//! thread has parked. Before parking, a thread re-enters `KVM_RUN` once with
-//! `immediate_exit` set: KVM finishes the port read the guest was waiting on
-//! only on the next `KVM_RUN`, and state read before that would miss the value.
+//! The threads follow squib's one pause protocol ([`squib_kvm::pause`]): the machine asks through
+//! the rendezvous and kicks each thread with a signal whose handler sets the vCPU's
+//! `immediate_exit`, so a kick landing just before `KVM_RUN` makes that `KVM_RUN` return at once
+//! and one kick is enough. Before parking, a thread re-enters `KVM_RUN` once with
+//! `immediate_exit` set: KVM finishes the port read the guest was waiting on only on the next
+//! `KVM_RUN`, and state read before that would miss the value.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
-use std::sync::Once;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use parking_lot::{Condvar, Mutex};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use parking_lot::Mutex;
+use squib_kvm::pause::{Kick, NotSettled, Rendezvous, Want};
 
 use super::layout;
 use super::serial::Com1;
-
-/// What the machine wants its vCPUs to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Want {
-    /// Run the guest.
-    Run,
-    /// Leave `KVM_RUN` and park.
-    Pause,
-    /// Leave `KVM_RUN` and end the thread.
-    Stop,
-}
-
-#[derive(Debug)]
-struct Shared {
-    want: Want,
-    parked: usize,
-    exited: usize,
-    failure: Option<String>,
-}
-
-/// The rendezvous between the machine and its vCPU threads.
-#[derive(Debug)]
-pub struct Control {
-    state: Mutex<Shared>,
-    cv: Condvar,
-}
-
-impl Control {
-    /// A control block whose vCPUs start in state `want`.
-    #[must_use]
-    pub fn new(want: Want) -> Self {
-        Self {
-            state: Mutex::new(Shared {
-                want,
-                parked: 0,
-                exited: 0,
-                failure: None,
-            }),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// The first fatal error a vCPU reported, if any.
-    #[must_use]
-    pub fn failure(&self) -> Option<String> {
-        self.state.lock().failure.clone()
-    }
-
-    /// How many vCPU threads have ended.
-    #[must_use]
-    pub fn exited(&self) -> usize {
-        self.state.lock().exited
-    }
-
-    fn fail(&self, why: String) {
-        let mut s = self.state.lock();
-        s.failure.get_or_insert(why);
-        s.exited += 1;
-        self.cv.notify_all();
-    }
-}
 
 /// The devices a vCPU exit can reach.
 #[derive(Debug)]
@@ -123,43 +62,34 @@ impl Devices {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// The signal that kicks a vCPU out of `KVM_RUN`.
-#[must_use]
-pub fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // A failure here leaves the default action (terminate) in place; make it loud.
-        register_signal_handler(kick_signal(), kick_handler)
-            .expect("installing the vCPU kick signal handler");
-    });
-}
-
 /// Spawn the thread that runs `vcpu`.
 ///
 /// # Errors
 /// The OS refused to create the thread.
-pub fn spawn(
+/// The thread holds `memory` (the RAM the VM's memslots point at) until after its vCPU fd is
+/// closed, so RAM stays mapped as long as the vCPU can run, even if the machine was dropped
+/// while this thread was stuck.
+pub fn spawn<M: Send + Sync + 'static>(
     index: usize,
     vcpu: Arc<Mutex<VcpuFd>>,
-    control: Arc<Control>,
+    control: Arc<Rendezvous>,
     devices: Arc<Devices>,
+    memory: Arc<M>,
 ) -> std::io::Result<JoinHandle<()>> {
-    install_kick_handler();
+    Kick::install();
     std::thread::Builder::new()
         .name(format!("squib-vcpu{index}"))
-        .spawn(move || run(&vcpu, &control, &devices))
+        .spawn(move || {
+            run(&vcpu, &control, &devices);
+            drop(vcpu);
+            drop(memory);
+        })
 }
 
-fn run(vcpu: &Mutex<VcpuFd>, control: &Control, devices: &Devices) {
+fn run(vcpu: &Arc<Mutex<VcpuFd>>, control: &Rendezvous, devices: &Devices) {
+    let _kick = Kick::enter(vcpu);
     loop {
-        let want = control.state.lock().want;
-        if want != Want::Run {
+        if control.want() != Want::Run {
             {
                 let mut fd = vcpu.lock();
                 fd.set_kvm_immediate_exit(1);
@@ -170,18 +100,10 @@ fn run(vcpu: &Mutex<VcpuFd>, control: &Control, devices: &Devices) {
                 // lockup when it runs again (EINVAL, ignored, where the guest has no kvmclock).
                 let _ = fd.kvmclock_ctrl();
             }
-            let mut s = control.state.lock();
-            if s.want == Want::Stop {
-                s.exited += 1;
-                control.cv.notify_all();
+            if control.park() == Want::Stop {
+                control.exit();
                 return;
             }
-            s.parked += 1;
-            control.cv.notify_all();
-            while s.want == Want::Pause {
-                control.cv.wait(&mut s);
-            }
-            s.parked -= 1;
             continue;
         }
         let mut fd = vcpu.lock();
@@ -209,7 +131,12 @@ fn run(vcpu: &Mutex<VcpuFd>, control: &Control, devices: &Devices) {
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => Err(format!("guest system event {kind}")),
             Ok(other) => Err(format!("unhandled vCPU exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: clear it before looking at what is wanted, so a kick that lands
+                // from here on is either seen by that look or ends the next KVM_RUN.
+                fd.set_kvm_immediate_exit(0);
+                Ok(())
+            }
             Err(e) => Err(format!("KVM_RUN: {e}")),
         };
         drop(fd);
@@ -220,45 +147,27 @@ fn run(vcpu: &Mutex<VcpuFd>, control: &Control, devices: &Devices) {
     }
 }
 
-/// Ask every vCPU to leave `KVM_RUN` for `want` ([`Want::Pause`] or [`Want::Stop`]) and
-/// wait until all live threads have parked or ended.
-pub fn stop_all(control: &Control, handles: &[JoinHandle<()>], want: Want) {
-    let n = handles.len();
-    let mut s = control.state.lock();
-    s.want = want;
-    control.cv.notify_all();
-    loop {
-        let settled = match want {
-            Want::Pause => s.parked + s.exited >= n,
-            _ => s.exited >= n,
-        };
-        if settled {
-            return;
+/// Ask every vCPU to leave `KVM_RUN` for `want` ([`Want::Pause`] or [`Want::Stop`]), kick each
+/// live thread once, and wait up to `timeout` until all have parked or ended.
+///
+/// # Errors
+/// [`NotSettled`] naming how many threads had not.
+pub fn stop_all(
+    control: &Rendezvous,
+    handles: &[JoinHandle<()>],
+    want: Want,
+    timeout: Duration,
+) -> Result<(), NotSettled> {
+    control.request(want);
+    for h in handles {
+        if !h.is_finished() {
+            Kick::kick(h.as_pthread_t());
         }
-        drop(s);
-        for h in handles {
-            if !h.is_finished() {
-                // A lost kick is repeated on the next round.
-                let _ = h.kill(kick_signal());
-            }
-        }
-        s = control.state.lock();
-        let _ = control.cv.wait_for(&mut s, Duration::from_millis(2));
     }
+    control.wait_settled(handles.len(), timeout)
 }
 
 /// Let parked vCPUs run again.
-pub fn resume_all(control: &Control) {
-    let mut s = control.state.lock();
-    s.want = Want::Run;
-    control.cv.notify_all();
-}
-
-impl Control {
-    /// Whether all `n` vCPU threads are parked (or ended) with a pause requested.
-    #[must_use]
-    pub fn is_paused(&self, n: usize) -> bool {
-        let s = self.state.lock();
-        s.want == Want::Pause && s.parked + s.exited >= n
-    }
+pub fn resume_all(control: &Rendezvous) {
+    control.request(Want::Run);
 }

@@ -13,6 +13,7 @@ use squib_machine::{
     Capture, Console, GUEST_KERNEL, Machine, MachineConfig, MachineState, RestoreOptions, copy_memory,
     new_memory,
 };
+use squib_snapshot::report::error_chain;
 use squib_snapshot::snapshot::save::save_full;
 use squib_snapshot::snapshot::{
     ChainWriter, DirectIo, LoadedSnapshot, ParentRef, RestoreMode, SavedSnapshot, SnapshotKind, SnapshotMeta,
@@ -111,7 +112,7 @@ fn capture_and_restore_in_process(vcpus: u8) {
     }
     let (machine, capture) = boot(vcpus);
     wait_for_counter(&machine, &capture, 2);
-    machine.pause();
+    machine.pause().expect("pause");
     let state = machine.capture().expect("capture");
     let memory = copy_memory(machine.memory()).expect("copy memory");
     // The console up to the pause, possibly ending in the middle of a line.
@@ -143,6 +144,59 @@ fn capture_and_restore_in_process(vcpus: u8) {
 }
 
 #[test]
+fn test_should_park_every_vcpu_on_one_kick_per_pause_again_and_again() {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
+        return;
+    }
+    // Each pause sends one signal per vCPU; its handler sets immediate_exit, so a kick that lands
+    // before KVM_RUN is entered still ends it. A lost kick would leave pause waiting until its
+    // deadline and fail here, where many pauses race the guest's own exits (timer, serial).
+    let (machine, capture) = boot(2);
+    wait_for_counter(&machine, &capture, 1);
+    for i in 0..300 {
+        if let Err(e) = machine.pause() {
+            panic!("pause {i}: {e}");
+        }
+        assert!(machine.is_paused());
+        machine.resume();
+    }
+    let n = parse(&capture.text()).last().map_or(0, |l| l.counter);
+    let lines = wait_for_counter(&machine, &capture, n + 2);
+    assert_consistent(&lines, 2);
+    assert_eq!(machine.failure(), None);
+}
+
+#[test]
+fn test_should_refuse_an_xsave_area_larger_than_this_hosts_kvm_takes() {
+    if !squib_kvm::kvm_or_skip("machine_guest") {
+        return;
+    }
+    let (machine, capture) = boot(1);
+    wait_for_counter(&machine, &capture, 1);
+    machine.pause().expect("pause");
+    let mut state = machine.capture().expect("capture");
+    let memory = copy_memory(machine.memory()).expect("copy memory");
+    drop(machine);
+    // KVM's area is at least the 4 KiB kvm_xsave; this host's KVM_CAP_XSAVE2 size is what was
+    // captured. A state from a host with a larger area (AMX enabled, say) must be refused by
+    // size, not copied past the end of the buffer KVM reads.
+    let words = state.vcpus[0].xsave.len();
+    assert!(
+        words >= 1024,
+        "captured XSAVE area of {words} words, below kvm_xsave's 1024"
+    );
+    state.vcpus[0].xsave.resize(words + 2816, 0);
+    let err = match Machine::restore(&state, memory, Console::new(), RestoreOptions::default()) {
+        Ok(_) => panic!("restored an XSAVE area larger than this host's"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("XSAVE area of") && err.contains(&(words * 4).to_string()),
+        "{err}"
+    );
+}
+
+#[test]
 fn test_should_continue_guest_counter_and_checksum_after_in_process_restore() {
     capture_and_restore_in_process(1);
 }
@@ -159,7 +213,7 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
     }
     let (machine, capture) = boot(1);
     wait_for_counter(&machine, &capture, 1);
-    machine.pause();
+    machine.pause().expect("pause");
     let state = machine.capture().expect("capture");
     let memory = copy_memory(machine.memory()).expect("copy memory");
     let before = capture.text();
@@ -178,9 +232,9 @@ fn test_should_not_run_a_guest_restored_paused_until_resumed() {
         },
     )
     .expect("restore");
+    // `is_paused` holds only once every vCPU thread is parked in the host (outside KVM_RUN):
+    // the guest cannot have run, so nothing it printed can be waiting in the console.
     assert!(restored.is_paused());
-    // Three timer periods: a running guest would have printed.
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(after.text(), "", "a paused restore ran the guest");
     restored.resume();
     // KVM's PIT ran on host time while the vCPUs were parked and, by its default
@@ -262,7 +316,7 @@ fn test_should_report_a_guest_that_faults_before_it_has_an_idt() {
 /// return the console as it was at the pause.
 fn chain_snapshot(machine: &Machine, capture: &Capture, chain: &mut ChainWriter) -> (String, SavedSnapshot) {
     wait_for_user_work(capture);
-    machine.pause();
+    machine.pause().expect("pause");
     let saved = snapshot::save(machine, Target::Chain(chain)).expect("save snapshot");
     (capture.text(), saved)
 }
@@ -357,12 +411,12 @@ fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (machine, capture) = boot(1);
     wait_for_counter(&machine, &capture, 1);
-    machine.pause();
+    machine.pause().expect("pause");
     let base_dir = dir.path().join("base");
     let base = snapshot::save(&machine, Target::Full(&base_dir)).expect("full");
     machine.resume();
     wait_for_user_work(&capture);
-    machine.pause();
+    machine.pause().expect("pause");
     let parent = ParentRef {
         id: base.id,
         dir: "base".to_owned(),
@@ -398,7 +452,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
         &DirectIo,
     )
     .expect("save");
-    let err = snapshot::load(&plain, RestoreMode::Lazy).unwrap_err().to_string();
+    let err = error_chain(&snapshot::load(&plain, RestoreMode::Lazy).unwrap_err());
     assert!(
         err.contains("plain/state") && err.contains("kvm-machine"),
         "{err}"
@@ -411,7 +465,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
         &DirectIo,
     )
     .expect("save");
-    let err = snapshot::load(&soft, RestoreMode::Lazy).unwrap_err().to_string();
+    let err = error_chain(&snapshot::load(&soft, RestoreMode::Lazy).unwrap_err());
     assert!(err.contains("backend mismatch"), "{err}");
 }
 
@@ -429,7 +483,7 @@ fn test_should_refuse_a_diff_of_a_machine_that_does_not_track_dirty_pages() {
         initrd: None,
     };
     let machine = Machine::boot(&config, Path::new(GUEST_KERNEL), Console::new()).expect("boot");
-    machine.pause();
+    machine.pause().expect("pause");
     let mut chain = ChainWriter::create(dir.path()).expect("chain");
     snapshot::save(&machine, Target::Chain(&mut chain)).expect("full without tracking");
     let err = snapshot::save(&machine, Target::Chain(&mut chain))
@@ -473,7 +527,7 @@ fn guest_child_process() {
             let mut console = String::new();
             for _ in 0..3 {
                 machine.resume();
-                std::thread::sleep(Duration::from_secs(1));
+                // chain_snapshot waits for the guest's user-mode work before it pauses.
                 console = chain_snapshot(&machine, &capture, &mut chain).0;
             }
             std::fs::write(dir.join("console.txt"), console).expect("write console");
@@ -481,6 +535,9 @@ fn guest_child_process() {
             // Last: its presence tells the parent the chain is complete.
             write_atomically(&dir.join("leaf"), leaf.as_os_str().as_encoded_bytes());
             machine.resume();
+            // Tell the parent once the guest has worked on past the snapshot.
+            wait_for_user_work(&capture);
+            write_atomically(&dir.join("ran-on"), b"1");
             // Keep the guest running until the parent kills this process.
             loop {
                 std::thread::sleep(Duration::from_secs(1));
@@ -560,12 +617,19 @@ fn restore_in_new_process(vcpus: u8) {
         assert!(Instant::now() < deadline, "no snapshot chain within {TIMEOUT:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The guest runs on after the snapshot; then the process dies without warning.
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        booted.try_wait().expect("poll").is_none(),
-        "boot child still running"
-    );
+    // The guest runs on after the snapshot (the child says so); then the process dies without
+    // warning.
+    let deadline = Instant::now() + TIMEOUT;
+    while !dir.path().join("ran-on").exists() {
+        if let Some(status) = booted.try_wait().expect("poll boot child") {
+            panic!("boot child ended after its snapshots: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not run on past its snapshot within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     booted.kill().expect("kill -9 the boot child");
     booted.wait().expect("reap boot child");
 

@@ -35,7 +35,7 @@ pub enum BackendError {
         reason: String,
     },
     /// An operating-system call failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Os {
         /// What was being done.
         op: &'static str,
@@ -132,11 +132,15 @@ pub struct GuestFault {
     pub gpa: u64,
     /// Whether the access was a write (or a stage-1 walk that may write).
     pub write: bool,
-    /// The vCPU that took it.
+    /// The vCPU that took it ([`GuestFault::NOT_A_VCPU`] for a write by a VMM thread, which a
+    /// backend tracking through the host mapping, like uffd-wp, sees too).
     pub vcpu: u32,
 }
 
 impl GuestFault {
+    /// The `vcpu` of a fault taken by a thread that runs no vCPU (the VMM writing guest memory).
+    pub const NOT_A_VCPU: u32 = u32::MAX;
+
     /// Decode an ARM stage-2 data abort: `Some` for a stage-2 write-permission fault (a tracking
     /// fault), `None` for anything the VMM must handle itself (MMIO, translation faults, reads).
     ///

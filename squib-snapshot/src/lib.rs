@@ -15,6 +15,9 @@ pub mod bitmap;
 #[cfg(any(test, feature = "test-kit"))]
 pub mod conformance;
 pub mod policy;
+pub mod report;
+#[cfg(any(test, feature = "test-kit"))]
+pub mod shadow;
 pub mod sink;
 pub mod tracker;
 

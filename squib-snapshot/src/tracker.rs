@@ -78,10 +78,10 @@ pub enum TrackError {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError<E: std::error::Error + 'static> {
     /// The backend failed to harvest or re-protect.
-    #[error("checkpoint failed in the backend: {0}")]
+    #[error("checkpoint failed in the backend")]
     Backend(#[from] BackendError),
     /// The writer failed; the units it was given will be in the next checkpoint.
-    #[error("checkpoint writer failed: {0}")]
+    #[error("checkpoint writer failed")]
     Writer(#[source] E),
 }
 
@@ -210,11 +210,24 @@ impl Region {
     }
 }
 
+/// Where the tracker is in its life. `Stopped` differs from `Idle`: a stopped tracker has seen
+/// writes before, and the guest may write anywhere unseen until tracking runs again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Constructed, never started: the first epoch begins at [`DirtyTracker::start`].
+    #[default]
+    Idle,
+    /// Started: every write faults (or is logged) and is marked.
+    Running,
+    /// Stopped after running: all of guest RAM is writable and every unit is marked.
+    Stopped,
+}
+
 /// Per-checkpoint working state, kept between checkpoints so a checkpoint allocates nothing once
 /// it has run.
 #[derive(Debug, Default)]
 struct CheckpointState {
-    started: bool,
+    phase: Phase,
     history: Vec<Vec<BlockHistory>>,
     /// The adaptive policy's probe outcomes across blocks.
     probes: ProbeEvidence,
@@ -390,8 +403,10 @@ impl<B: Stage2Backend> DirtyTracker<B> {
         self.escalate_at
     }
 
-    /// Write-protect every region (one backend call each) and begin the first epoch. Units marked
-    /// before `start` (VMM writes, say) stay marked.
+    /// Write-protect every region (one backend call each) and begin an epoch. Units marked
+    /// before `start` (VMM writes, say) stay marked, and so does every unit marked by
+    /// [`stop`](Self::stop): after a stop, the first checkpoint holds all of guest RAM, because
+    /// nothing saw the writes made while tracking was stopped.
     ///
     /// # Errors
     /// [`TrackError::Backend`] if a region cannot be protected; regions protected before it are
@@ -407,27 +422,40 @@ impl<B: Stage2Backend> DirtyTracker<B> {
                 return Err(e.into());
             }
         }
-        st.started = true;
+        st.phase = Phase::Running;
         Ok(())
     }
 
-    /// Give write permission back to all of guest RAM and stop tracking. Marked units stay
-    /// marked for the next checkpoint.
+    /// Give write permission back to all of guest RAM and stop tracking.
+    ///
+    /// The guest may then write anywhere without being seen, so `stop` marks every unit of
+    /// guest RAM: a checkpoint taken while stopped, or the first one after the next
+    /// [`start`](Self::start), holds everything, and no write made in the gap is lost. (Keeping
+    /// only the units marked so far would make `stop` then `start` silently drop those writes.)
+    /// A checkpoint taken while stopped leaves guest RAM writable and every unit marked.
     ///
     /// # Errors
-    /// [`TrackError::Backend`] if a region cannot be granted.
+    /// [`TrackError::Backend`] if a region cannot be granted (every unit is marked regardless).
     pub fn stop(&self) -> Result<(), TrackError> {
         let mut st = self.state.lock();
-        st.started = false;
+        st.phase = Phase::Stopped;
+        self.mark_everything();
         for r in &self.regions {
             self.backend.grant_write(r.range)?;
         }
         Ok(())
     }
 
-    /// Whether [`start`](Self::start) has run (and [`stop`](Self::stop) has not).
+    /// Whether [`start`](Self::start) has run (and [`stop`](Self::stop) has not since).
     pub fn is_started(&self) -> bool {
-        self.state.lock().started
+        self.state.lock().phase == Phase::Running
+    }
+
+    /// Mark every unit of every region (fine map).
+    fn mark_everything(&self) {
+        for r in self.regions.iter() {
+            r.fine.set_range(0, r.fine.len());
+        }
     }
 
     #[inline]
@@ -614,6 +642,11 @@ impl<B: Stage2Backend> DirtyTracker<B> {
             let before = st.ranges.len();
             self.emit_ranges(r, &st.coarse_blocks, &st.fine_units, &mut st.ranges);
             debug_assert!(st.ranges.len() > before);
+            if st.phase == Phase::Stopped {
+                // Stopped: the guest keeps write access (as `stop` promised); every unit is
+                // marked again below, since nothing sees the writes it makes meanwhile.
+                continue;
+            }
             // Then re-protect: one call for the whole region.
             protect_calls += 1;
             bump(&self.counters.protect_calls, 1);
@@ -631,7 +664,11 @@ impl<B: Stage2Backend> DirtyTracker<B> {
         }
         // Then copy.
         let dirty_bytes: u64 = st.ranges.iter().map(GpaRange::len).sum();
-        if let Err(e) = write(&st.ranges) {
+        let result = write(&st.ranges);
+        if st.phase == Phase::Stopped {
+            self.mark_everything();
+        }
+        if let Err(e) = result {
             self.fold_back(&st.ranges);
             bump(&self.counters.failed_checkpoints, 1);
             return Err(CheckpointError::Writer(e));

@@ -68,6 +68,12 @@ impl AtomicPages {
             let cur = page.load(Ordering::Acquire);
             if cur & WRITABLE == 0 {
                 faults += 1;
+                // A grant that never takes effect would retry for ever; a tracking bug must
+                // fail the test instead.
+                assert!(
+                    faults < 1_000_000,
+                    "a store to {gpa:#x} keeps faulting after re-grants"
+                );
                 t.on_write_fault(GuestFault {
                     gpa,
                     write: true,
@@ -204,7 +210,12 @@ fn live_checkpoint_stress(policy: Policy) {
         // Let the vCPUs make progress in every epoch (a few hundred stores), whatever the
         // scheduler does on a loaded machine.
         let target = stores.load(Ordering::Relaxed) + 300;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while stores.load(Ordering::Relaxed) < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the vCPUs made no 300 stores within 60 s"
+            );
             std::thread::yield_now();
         }
         tracker.tick(Duration::from_millis(round));
@@ -318,7 +329,12 @@ fn test_should_lose_no_mark_while_blocks_are_promoted_concurrently() {
         start.wait();
         let mut covered = std::collections::BTreeSet::new();
         let mut now = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while threads.iter().any(|h| !h.is_finished()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the marking threads did not finish within 60 s"
+            );
             now += 1;
             tracker.tick(Duration::from_millis(now));
             tracker
@@ -400,7 +416,8 @@ fn test_should_keep_drained_units_for_the_next_diff_when_the_writer_fails() {
             })
             .unwrap_err();
         assert!(matches!(err, CheckpointError::Writer(_)), "{err}");
-        assert!(err.to_string().contains("No space left"), "{err}");
+        let chain = squib_snapshot::report::error_chain(&err);
+        assert!(chain.contains("No space left"), "{chain}");
         let mut second = Vec::new();
         tracker
             .checkpoint(None, |r| -> Result<(), std::io::Error> {

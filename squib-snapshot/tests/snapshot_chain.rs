@@ -223,3 +223,120 @@ fn test_should_load_a_chain_given_as_the_current_directory_path() {
     assert!(dotted.file_name().is_none());
     assert_eq!(Chain::load(&dotted).unwrap().members.len(), 3);
 }
+
+/// The environment variable that makes this test binary the child that runs under a low limit
+/// on open files; its value is the directory to work in.
+const LOW_FD_LIMIT: &str = "SQUIB_TEST_LOW_FD_LIMIT";
+/// The child's limit on open files, far below the chain's length.
+const FD_LIMIT: u64 = 32;
+/// Members of the long chain.
+const LONG_CHAIN: u64 = 150;
+
+/// A chain of a full snapshot and `LONG_CHAIN - 1` diffs, each writing one page; returns the leaf,
+/// every member and guest memory as written.
+fn long_chain(dir: &std::path::Path) -> (std::path::PathBuf, Vec<std::path::PathBuf>, Vec<u8>) {
+    let region = squib_arch::GpaRange::new(0, 1 << 20).unwrap();
+    let mem = memory(&[region]);
+    let meta = squib_snapshot::SnapshotMeta::new("soft", PageGeometry::X86_64);
+    let mut chain = ChainWriter::create(dir).unwrap();
+    let mut members = vec![chain.save(&mem, &[], &meta).unwrap().dir];
+    for i in 1..LONG_CHAIN {
+        // Pages are rewritten as the chain goes round the region, so later diffs override
+        // earlier ones: a member read out of order or skipped shows.
+        let gpa = (i * 0x1000 * 7) % region.len();
+        fill(&mem, gpa, 0x1000, u8::try_from(i % 251).unwrap());
+        let range = squib_arch::GpaRange::new(gpa, 0x1000).unwrap();
+        members.push(chain.save(&mem, &[range], &meta).unwrap().dir);
+    }
+    (members.last().unwrap().clone(), members, contents(&mem))
+}
+
+#[test]
+fn test_should_load_restore_verify_and_merge_a_chain_longer_than_the_open_file_limit() {
+    if let Some(dir) = std::env::var_os(LOW_FD_LIMIT) {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let old = getrlimit(Resource::Nofile);
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(FD_LIMIT),
+                maximum: old.maximum,
+            },
+        )
+        .unwrap();
+        let dir = std::path::Path::new(&dir);
+        let (leaf, members, written) = long_chain(&dir.join("chain"));
+        let chain = Chain::load(&leaf).unwrap();
+        assert_eq!(chain.members.len() as u64, LONG_CHAIN);
+        for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+            let restored = restore(&leaf, mode).unwrap();
+            assert!(
+                contents(&restored.memory) == written,
+                "{mode:?} restore differs from guest memory as written"
+            );
+        }
+        let report = verify(&leaf).unwrap();
+        assert!(report.is_sound() && report.chain.len() as u64 == LONG_CHAIN);
+        let merged = dir.join("merged");
+        merge(&members, &merged).unwrap();
+        assert!(contents(&restore(&merged, RestoreMode::Eager).unwrap().memory) == written);
+        // Appending to it opens it again.
+        ChainWriter::open(&dir.join("chain")).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "test_should_load_restore_verify_and_merge_a_chain_longer_than_the_open_file_limit",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(LOW_FD_LIMIT, dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the child with at most {FD_LIMIT} open files failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn test_should_report_restore_and_merge_progress_adding_up_to_the_bytes_read_and_written() {
+    use squib_snapshot::snapshot::restore::{bytes_to_read, restore_chain_with};
+    use squib_snapshot::snapshot::{merge_bytes, merge_chain};
+    let dir = tempfile::tempdir().unwrap();
+    let (members, live) = build_chain(&dir.path().join("c"));
+    let chain = Chain::load(members.last().unwrap()).unwrap();
+    // What the state files say the chain holds, counted here from the extents.
+    let extents: Vec<u64> = chain
+        .members
+        .iter()
+        .map(|m| m.state.extents.iter().map(|e| e.len).sum())
+        .collect();
+    let all: u64 = extents.iter().sum();
+    for (mode, expected) in [(RestoreMode::Eager, all), (RestoreMode::Lazy, all - extents[0])] {
+        let mut steps = Vec::new();
+        let r = restore_chain_with(&chain, mode, &mut |n| steps.push(n)).unwrap();
+        assert_eq!(contents(&r.memory), live);
+        assert_eq!(steps.iter().sum::<u64>(), expected, "{mode:?}");
+        assert_eq!(bytes_to_read(&chain, mode), expected, "{mode:?}");
+        assert!(
+            steps.iter().all(|&n| n > 0 && n <= 256 << 10),
+            "{mode:?}: {steps:?}"
+        );
+    }
+    let mut done = 0u64;
+    let out = dir.path().join("merged");
+    merge_chain(&chain, &[], &out, &mut |n| done += n).unwrap();
+    let layout: u64 = chain.base().state.layout.iter().map(|r| r.len).sum();
+    assert_eq!(
+        done,
+        all + layout,
+        "every extent read, then all of memory written"
+    );
+    assert_eq!(merge_bytes(&chain), done);
+    assert_eq!(contents(&restore(&out, RestoreMode::Eager).unwrap().memory), live);
+}

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use snapshot_support::{build_chain, copy_tree, listing, read_state, rewrite_state};
 use squib_arch::PageGeometry;
+use squib_snapshot::report::error_chain;
 use squib_snapshot::snapshot::format::MAX_STATE_FILE;
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::{
@@ -322,22 +323,22 @@ fn test_should_refuse_every_hostile_chain_naming_the_file_and_reason() {
         let before = listing(work.path());
         let leaf = &m[2];
 
-        let load = Chain::load(leaf).map(drop).map_err(|e| e.to_string());
+        let load = Chain::load(leaf).map(drop).map_err(|e| error_chain(&e));
         let verified = match verify(leaf) {
-            Err(e) => Err(e.to_string()),
-            Ok(r) if !r.is_sound() => Err(r.problems[0].to_string()),
+            Err(e) => Err(error_chain(&e)),
+            Ok(r) if !r.is_sound() => Err(error_chain(&r.problems[0])),
             Ok(_) => Ok(()),
         };
         let eager = restore(leaf, RestoreMode::Eager)
             .map(drop)
-            .map_err(|e| e.to_string());
+            .map_err(|e| error_chain(&e));
         let lazy = restore(leaf, RestoreMode::Lazy)
             .map(drop)
-            .map_err(|e| e.to_string());
+            .map_err(|e| error_chain(&e));
         let out = work.path().join("merged");
         let merged = merge(std::slice::from_ref(leaf), &out)
             .map(drop)
-            .map_err(|e| e.to_string());
+            .map_err(|e| error_chain(&e));
 
         eprintln!(
             "| {} | {} |",
@@ -378,7 +379,7 @@ fn test_should_refuse_a_state_file_truncated_at_every_length() {
     let bytes = std::fs::read(&state).unwrap();
     for len in 0..bytes.len() {
         std::fs::write(&state, &bytes[..len]).unwrap();
-        let err = Chain::load(&members[2]).unwrap_err().to_string();
+        let err = error_chain(&Chain::load(&members[2]).unwrap_err());
         assert!(err.contains(&state.display().to_string()), "len {len}: {err}");
         assert!(
             err.contains("truncated") || err.contains("length mismatch"),
@@ -399,7 +400,7 @@ fn test_should_refuse_a_state_file_with_any_single_bit_flipped() {
     for bit in 0..bytes.len() * 8 {
         flipped[bit / 8] ^= 1 << (bit % 8);
         std::fs::write(&state, &flipped).unwrap();
-        let err = Chain::load(&members[2]).unwrap_err().to_string();
+        let err = error_chain(&Chain::load(&members[2]).unwrap_err());
         assert!(err.contains(&state.display().to_string()), "bit {bit}: {err}");
         flipped[bit / 8] ^= 1 << (bit % 8);
     }
@@ -413,12 +414,13 @@ fn test_should_refuse_restoring_into_another_backend_or_geometry() {
     let (members, _) = build_chain(pristine.path());
     let chain = Chain::load(&members[2]).unwrap();
     let state = members[2].join(STATE_FILE).display().to_string();
-    let err = chain.check_target(Some("kvm"), None).unwrap_err().to_string();
+    let err = error_chain(&chain.check_target(Some("kvm"), None).unwrap_err());
     assert!(err.contains(&state) && err.contains("backend mismatch"), "{err}");
-    let err = chain
-        .check_target(None, Some(&PageGeometry::APPLE_SILICON))
-        .unwrap_err()
-        .to_string();
+    let err = error_chain(
+        &chain
+            .check_target(None, Some(&PageGeometry::APPLE_SILICON))
+            .unwrap_err(),
+    );
     assert!(err.contains(&state) && err.contains("geometry mismatch"), "{err}");
     chain
         .check_target(Some("soft"), Some(&PageGeometry::X86_64))

@@ -77,6 +77,51 @@ fn test_should_protect_each_region_with_one_call_on_start_and_grant_everything_o
     assert_eq!(t.counters().protect_calls, 2);
 }
 
+/// One checkpoint's ranges, through the public API.
+fn diff<B: squib_snapshot::Stage2Backend>(t: &DirtyTracker<B>) -> Vec<GpaRange> {
+    let mut out = Vec::new();
+    t.checkpoint(None, |ranges| -> Result<(), std::io::Error> {
+        out.extend_from_slice(ranges);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn covers(ranges: &[GpaRange], gpa: u64) -> bool {
+    ranges.iter().any(|r| r.contains(gpa))
+}
+
+#[test]
+fn test_should_hold_writes_made_while_stopped_in_the_next_checkpoint() {
+    let r = ram(0, 4 << 20);
+    let rec = Arc::new(Recorder::new(PageGeometry::X86_64, &[r]));
+    let t = DirtyTracker::new(Arc::clone(&rec), &[r], TrackingConfig::new(Policy::Fine)).unwrap();
+    t.start().unwrap();
+    assert_eq!(rec.guest_write(&t, 0x1000, 8, 0).unwrap(), 1);
+    assert_eq!(diff(&t), vec![ram(0x1000, 0x1000)]);
+    t.stop().unwrap();
+    // Stopped: the guest writes without faulting, so nothing sees these writes.
+    assert_eq!(rec.guest_write(&t, 0x20_0000, 8, 0).unwrap(), 0);
+    let while_stopped = diff(&t);
+    assert!(covers(&while_stopped, 0x20_0000), "{while_stopped:?}");
+    assert_eq!(
+        rec.is_writable(0x20_0000),
+        Some(true),
+        "a checkpoint while stopped leaves RAM writable"
+    );
+    assert_eq!(rec.guest_write(&t, 0x30_0000, 8, 0).unwrap(), 0);
+    t.start().unwrap();
+    let after_restart = diff(&t);
+    assert!(
+        covers(&after_restart, 0x30_0000),
+        "a write made between stop and start is lost: {after_restart:?}"
+    );
+    // Running again, tracking is exact once more.
+    assert_eq!(rec.guest_write(&t, 0x5000, 8, 0).unwrap(), 1);
+    assert_eq!(diff(&t), vec![ram(0x5000, 0x1000)]);
+}
+
 #[test]
 fn test_should_leave_memory_writable_when_start_fails() {
     let regions = [ram(0, 4 << 20), ram(1 << 32, 2 << 20)];

@@ -42,7 +42,7 @@ const READ_BUFFER: usize = 1 << 18;
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// The trace file cannot be opened.
-    #[error("cannot open trace {path}: {source}")]
+    #[error("cannot open trace {path}")]
     Open {
         /// The file.
         path: PathBuf,
@@ -51,7 +51,7 @@ pub enum TraceError {
         source: std::io::Error,
     },
     /// Reading the trace failed (I/O, or a corrupt gzip stream).
-    #[error("reading trace line {line}: {source}")]
+    #[error("reading trace line {line}")]
     Read {
         /// The line being read.
         line: u64,
@@ -68,6 +68,19 @@ pub enum TraceError {
         text: String,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// A lackey access reaches into the last 2 MiB block of the 64-bit address space: no process
+    /// maps memory there, and the block has no end address to pack it by.
+    #[error(
+        "trace line {line}: access of {size} bytes at {addr:#x} reaches the top 2 MiB of the address space, where no process maps memory"
+    )]
+    TopOfAddressSpace {
+        /// 1-based line number.
+        line: u64,
+        /// The access's address.
+        addr: u64,
+        /// Its size.
+        size: u64,
     },
     /// A line's time is earlier than the line before.
     #[error("trace line {line}: time goes backwards ({t_ns} ns after {previous} ns)")]
@@ -107,6 +120,9 @@ pub enum TraceError {
     /// The tracker failed.
     #[error(transparent)]
     Track(#[from] TrackError),
+    /// A checkpoint failed in the backend.
+    #[error("checkpoint failed")]
+    Checkpoint(#[source] squib_snapshot::CheckpointError<std::convert::Infallible>),
     /// The simulated vCPU's fault could not be handled.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),

@@ -12,6 +12,9 @@ use super::TraceError;
 
 /// The size of a 2 MiB block of the traced process's address space (lackey packing).
 const PACK_BLOCK: u64 = 2 << 20;
+/// Where the last 2 MiB block of the 64-bit address space starts: lackey accesses must end at or
+/// below it (every address arithmetic below then stays in range).
+const TOP_BLOCK: u64 = u64::MAX - (PACK_BLOCK - 1);
 
 /// One thing a trace says happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +190,8 @@ impl<R: BufRead> EventReader<R> {
     ///
     /// # Errors
     /// [`TraceError::Malformed`] with the line number and text; [`TraceError::TimeBackwards`];
-    /// [`TraceError::Read`] when the input fails.
+    /// [`TraceError::TopOfAddressSpace`] for a lackey access in the last 2 MiB of the address
+    /// space; [`TraceError::Read`] when the input fails.
     pub fn next_event(&mut self) -> Result<Option<Event>, TraceError> {
         if let Some(e) = self.pending.take() {
             return Ok(Some(e));
@@ -293,12 +297,23 @@ impl<R: BufRead> EventReader<R> {
             if size == 0 {
                 continue;
             }
-            if addr.checked_add(size).is_none() {
+            if size > PACK_BLOCK {
+                // Lackey records one instruction's access (a few KiB at most), so a write spans at
+                // most two process blocks, which is all the split below handles.
                 return Err(malformed(
                     line_no,
                     text,
-                    "the access runs past the end of the address space",
+                    "an access larger than 2 MiB (lackey records one instruction's access)",
                 ));
+            }
+            // The block an access ends in must have an end address: `(addr | (PACK_BLOCK - 1)) + 1`
+            // overflows in the last block of the address space (and `addr + size` past its end).
+            if addr.checked_add(size).is_none_or(|end| end > TOP_BLOCK) {
+                return Err(TraceError::TopOfAddressSpace {
+                    line: line_no,
+                    addr,
+                    size,
+                });
             }
             #[allow(
                 clippy::cast_precision_loss,
@@ -478,6 +493,61 @@ mod tests {
                 len: 1
             }
         );
+    }
+
+    #[test]
+    fn test_should_refuse_a_lackey_access_in_the_top_2_mib_naming_the_line_and_the_address() {
+        for (addr, size) in [
+            (0xffff_ffff_ffff_fff0_u64, 8u64),
+            (0xffff_ffff_ffe0_0000, 1),
+            (0xffff_ffff_ffdf_fffc, 8),
+            (0xffff_ffff_ffff_fff8, 8),
+        ] {
+            let text = format!("I  04000000,3\n S {addr:x},{size}\n");
+            match events(&text, TraceFormat::Lackey) {
+                Err(
+                    e @ TraceError::TopOfAddressSpace {
+                        line: 2,
+                        addr: a,
+                        size: s,
+                    },
+                ) => {
+                    assert_eq!((a, s), (addr, size));
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("line 2") && msg.contains(&format!("{addr:#x}")),
+                        "{msg}"
+                    );
+                }
+                other => panic!("{addr:#x},{size}: {other:?}"),
+            }
+        }
+        // The block just below the top one still packs, split where it crosses.
+        let e = events(" S ffffffffffbffffc,8\n", TraceFormat::Lackey).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                Event::Write {
+                    t_ns: 0,
+                    gpa: PACK_BLOCK - 4,
+                    len: 4
+                },
+                Event::Write {
+                    t_ns: 0,
+                    gpa: PACK_BLOCK,
+                    len: 4
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn test_should_refuse_a_lackey_access_larger_than_a_block() {
+        assert!(matches!(
+            events(" S 1000,2097153\n", TraceFormat::Lackey),
+            Err(TraceError::Malformed { line: 1, .. })
+        ));
+        assert_eq!(events(" S 1000,2097152\n", TraceFormat::Lackey).unwrap().len(), 2);
     }
 
     #[test]

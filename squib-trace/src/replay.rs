@@ -160,7 +160,7 @@ impl Engine {
         }
         self.tracker
             .checkpoint(None, |_| Ok::<(), std::convert::Infallible>(()))
-            .map_err(|e| TraceError::Config(format!("checkpoint failed: {e}")))?;
+            .map_err(TraceError::Checkpoint)?;
         Ok(())
     }
 
@@ -258,7 +258,8 @@ pub fn replay<R: BufRead>(input: R, cfg: &ReplayConfig, mem: u64) -> Result<Repl
                 e.advance(t_ns)?;
                 e.write(events.line(), gpa, len)?;
                 writes += 1;
-                bytes += len;
+                // Each write fits guest RAM, but their sum need not fit a u64.
+                bytes = bytes.saturating_add(len);
                 last_t = t_ns;
             }
             Event::Checkpoint { t_ns } => {

@@ -8,6 +8,7 @@
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod api;
 mod cmd;
+mod log;
 
 use clap::{Parser, Subcommand};
 
@@ -32,11 +33,18 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SQUIB_LOG").unwrap_or_else(|_| "warn".into()),
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+    // Standard error gets what SQUIB_LOG asks for; the API's log file (PUT /logger) what the
+    // API asks for. Each layer filters for itself.
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(EnvFilter::try_from_env("SQUIB_LOG").unwrap_or_else(|_| "warn".into())),
         )
-        .with_writer(std::io::stderr)
+        .with(log::ApiLog.with_filter(log::ApiLogFilter))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

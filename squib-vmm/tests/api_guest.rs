@@ -23,6 +23,10 @@ struct Squib {
 
 impl Squib {
     fn spawn(dir: &Path, name: &str) -> Self {
+        Self::spawn_with_stdout(dir, name, Stdio::null())
+    }
+
+    fn spawn_with_stdout(dir: &Path, name: &str, stdout: Stdio) -> Self {
         let sock = dir.join(format!("{name}.sock"));
         let serial = dir.join(format!("{name}.com1"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_squib"))
@@ -30,7 +34,7 @@ impl Squib {
             .arg(&sock)
             .arg("--serial-file")
             .arg(&serial)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .spawn()
             .expect("spawn squib");
         let deadline = Instant::now() + TIMEOUT;
@@ -47,6 +51,8 @@ impl Squib {
     /// Send one request; returns the status and the body.
     fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         let mut s = UnixStream::connect(&self.sock).expect("connect");
+        // A call that hangs fails the test with a message instead of hanging it.
+        s.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -55,7 +61,8 @@ impl Squib {
         .expect("send");
         let mut r = BufReader::new(s);
         let mut status = String::new();
-        r.read_line(&mut status).expect("status line");
+        r.read_line(&mut status)
+            .unwrap_or_else(|e| panic!("{method} {path}: no reply within {TIMEOUT:?}: {e}"));
         let code: u16 = status
             .split(' ')
             .nth(1)
@@ -306,6 +313,83 @@ fn test_should_refuse_a_guest_snapshot_that_is_not_one_naming_the_file() {
     );
     assert_eq!(code, 400);
     assert!(fault.contains("bogus"), "{fault}");
-    let (code, _) = s.call("GET", "/nowhere", "");
-    assert_eq!(code, 404);
+    // An unknown path is a 400, as in Firecracker.
+    let (code, fault) = s.call("GET", "/nowhere", "");
+    assert_eq!(code, 400);
+    assert!(fault.contains("Invalid request method and/or path"), "{fault}");
+}
+
+/// A pipe whose buffer is already full: standard output that nobody reads.
+fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
+    use std::os::fd::AsRawFd;
+    let (r, mut w) = std::io::pipe().expect("pipe");
+    let fd = w.as_raw_fd();
+    let set = |on: bool| {
+        // SAFETY: F_GETFL/F_SETFL on a pipe descriptor this function owns.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(
+                fd,
+                libc::F_SETFL,
+                if on {
+                    fl | libc::O_NONBLOCK
+                } else {
+                    fl & !libc::O_NONBLOCK
+                },
+            );
+        }
+    };
+    set(true);
+    while w.write(&[b'.'; 4096]).is_ok() {}
+    set(false);
+    (r, w)
+}
+
+#[test]
+fn test_should_pause_and_snapshot_promptly_while_nobody_reads_the_console() {
+    if !squib_kvm::kvm_or_skip("api_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut reader, writer) = full_pipe();
+    let a = Squib::spawn_with_stdout(dir.path(), "a", Stdio::from(writer));
+    a.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    a.ok(
+        "PUT",
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": GUEST_KERNEL, "boot_args": "console=ttyS0"}).to_string(),
+    );
+    a.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    // The guest prints (to the serial file; its standard output is a full pipe) and goes on.
+    let n = parse(&a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= 3)))
+        .last()
+        .map_or(0, |l| l.counter);
+    // Every call answers (each within TIMEOUT, or the call panics) though stdout is blocked.
+    a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    a.ok(
+        "PUT",
+        "/snapshot/create",
+        &create_body("Full", &dir.path().join("snap")),
+    );
+    a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= n + 2));
+    // The reader comes back: the guest's lines reach standard output, after the old contents.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + TIMEOUT;
+    while !String::from_utf8_lossy(&got).contains("COUNTER") {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's output never reached standard output"
+        );
+        let k = reader.read(&mut buf).expect("read stdout");
+        assert!(k > 0, "standard output closed");
+        got.extend_from_slice(&buf[..k]);
+    }
+    let m = parse(&a.console()).last().map_or(0, |l| l.counter);
+    a.wait_console(|t| parse(t).last().is_some_and(|l| l.counter >= m + 2));
 }

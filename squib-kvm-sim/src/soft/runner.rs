@@ -43,6 +43,10 @@ pub struct RunConfig {
     pub run_for: Duration,
     /// Time between live checkpoints.
     pub checkpoint_every: Duration,
+    /// End the run once this many live checkpoints have saved guest writes (checkpoints that
+    /// found nothing dirty do not count, nor does the closing one), if `run_for` has not ended it
+    /// first. Lets a caller wait for the guest's writes to be checkpointed rather than for time.
+    pub stop_after_checkpoints: Option<u64>,
 }
 
 /// What running a simulated guest can fail with.
@@ -72,12 +76,13 @@ pub enum RunError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     /// A checkpoint failed.
-    #[error("checkpoint {index} failed: {reason}")]
+    #[error("checkpoint {index} failed")]
     Checkpoint {
         /// Which checkpoint.
         index: u64,
         /// Why.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -130,12 +135,16 @@ struct VcpuTotals {
     faults: u64,
 }
 
-/// Run the guest: start tracking, run `cfg.vcpus` vCPU threads for `cfg.run_for`, checkpoint
-/// every `cfg.checkpoint_every` into `sink` while they run, then stop them and take a final
-/// checkpoint.
+/// Run the guest: start tracking, run `cfg.vcpus` vCPU threads for `cfg.run_for` (or until
+/// `cfg.stop_after_checkpoints` live checkpoints saved writes), checkpoint every `cfg.checkpoint_every` into `sink`
+/// while they run, then stop them, take a closing checkpoint and call the sink's `finish`.
+///
+/// A failed live checkpoint ends the run early, but the run still stops the vCPUs and takes the
+/// closing checkpoint (which holds the failed one's units, folded back by the tracker) before it
+/// reports the failure: the sink ends holding the guest's final state.
 ///
 /// # Errors
-/// [`RunError`] naming what failed.
+/// [`RunError`] naming what failed (the first failure, when several did).
 pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport, RunError> {
     if cfg.vcpus == 0 {
         return Err(RunError::Config("--vcpus must be at least 1".into()));
@@ -223,6 +232,14 @@ pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport
         (totals, main_result)
     });
     let elapsed = started.elapsed();
+    // The end of the run closes the last epoch, also after a failure, with the vCPUs stopped:
+    // guest memory no longer changes, so the sink's `finish` sees what the closing one saved.
+    let closing = take_checkpoint(&tracker, vm.memory(), started, sink, &mut records).and_then(|()| {
+        sink.finish(vm.memory()).map_err(|e| RunError::Checkpoint {
+            index: records.len() as u64 - 1,
+            source: Box::new(e),
+        })
+    });
     main_result?;
     let mut sum = VcpuTotals::default();
     for t in totals {
@@ -231,8 +248,7 @@ pub fn run<S: CheckpointSink>(cfg: &RunConfig, sink: &mut S) -> Result<RunReport
         sum.bytes += t.bytes;
         sum.faults += t.faults;
     }
-    // The end of the run closes the last epoch.
-    take_checkpoint(&tracker, vm.memory(), started, sink, &mut records)?;
+    closing?;
     tracker.stop()?;
     Ok(RunReport {
         policy: cfg.tracking.policy.name().into(),
@@ -264,7 +280,10 @@ fn checkpoint_loop<S: CheckpointSink>(
     let mut next_cp = started + cfg.checkpoint_every;
     loop {
         let now = Instant::now();
-        if now >= deadline || stop.load(Ordering::Relaxed) {
+        let enough = cfg
+            .stop_after_checkpoints
+            .is_some_and(|n| saved_writes(records) >= n);
+        if now >= deadline || enough || stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         tracker.tick(now - started);
@@ -276,6 +295,11 @@ fn checkpoint_loop<S: CheckpointSink>(
         let wake = next_cp.min(deadline).min(now + tick);
         std::thread::sleep(wake.saturating_duration_since(now));
     }
+}
+
+/// Checkpoints that saved guest writes.
+fn saved_writes(records: &[CheckpointRecord]) -> u64 {
+    records.iter().filter(|r| r.dirty_bytes > 0).count() as u64
 }
 
 fn take_checkpoint<S: CheckpointSink>(
@@ -291,7 +315,7 @@ fn take_checkpoint<S: CheckpointSink>(
         .checkpoint(Some(mem), |ranges| sink.write(index, ranges, mem))
         .map_err(|e: CheckpointError<S::Error>| RunError::Checkpoint {
             index,
-            reason: e.to_string(),
+            source: Box::new(e),
         })?;
     records.push(CheckpointRecord {
         index,

@@ -34,7 +34,7 @@ pub enum VcpuError {
         esr: u64,
     },
     /// The tracker refused the fault.
-    #[error("vCPU {vcpu}: the tracker could not handle the fault: {source}")]
+    #[error("vCPU {vcpu}: the tracker could not handle the fault")]
     Track {
         /// The vCPU.
         vcpu: u32,

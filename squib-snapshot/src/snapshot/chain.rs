@@ -11,12 +11,12 @@ use squib_arch::GpaRange;
 use vm_memory::GuestMemoryMmap;
 use vm_memory::bitmap::AtomicBitmap;
 
-use super::SnapshotError;
 use super::format::{ParentRef, SnapshotId, SnapshotKind};
 use super::io::{DirectIo, SnapshotIo};
 use super::load::{Chain, LoadedSnapshot};
-use super::restore::{RestoreMode, restore_chain};
+use super::restore::{RestoreMode, bytes_to_read, restore_chain_with};
 use super::save::{self, SavedSnapshot, SnapshotMeta};
+use super::{Progress, SnapshotError};
 
 /// Appends snapshots to a chain directory: the first full, later ones diffs of the one before.
 ///
@@ -58,12 +58,14 @@ fn member_index(name: &str) -> Option<u64> {
 
 impl ChainWriter {
     /// Start a new chain in `dir` (created if missing). Refuses a directory that already holds
-    /// chain members; use [`ChainWriter::open`] to append to one.
+    /// chain members; use [`ChainWriter::open`] to append to one. Removes the leftovers of
+    /// interrupted saves from `dir` ([`save::remove_leftovers`]).
     ///
     /// # Errors
     /// [`SnapshotError::Io`], or [`SnapshotError::Usage`] when `dir` already holds a chain.
     pub fn create(dir: &Path) -> Result<Self, SnapshotError> {
         std::fs::create_dir_all(dir).map_err(SnapshotError::io(dir, "create directory"))?;
+        save::remove_leftovers(dir);
         if let Some((_, name)) = Self::last_member(dir)? {
             return Err(SnapshotError::Usage {
                 path: dir.to_path_buf(),
@@ -78,7 +80,8 @@ impl ChainWriter {
         })
     }
 
-    /// Append to the chain in `dir`, after checking it loads cleanly.
+    /// Append to the chain in `dir`, after checking it loads cleanly. Removes the leftovers of
+    /// interrupted saves from `dir` ([`save::remove_leftovers`]).
     ///
     /// # Errors
     /// Any [`SnapshotError`] from loading the existing chain.
@@ -86,6 +89,7 @@ impl ChainWriter {
         let Some((index, name)) = Self::last_member(dir)? else {
             return Self::create(dir);
         };
+        save::remove_leftovers(dir);
         let chain = Chain::load(&dir.join(&name))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -143,7 +147,7 @@ impl ChainWriter {
         meta: &SnapshotMeta,
     ) -> Result<SavedSnapshot, SnapshotError> {
         let (dest, name) = self.dest(SnapshotKind::Full);
-        let saved = save::save_full(&dest, mem, meta, self.io.as_ref())?;
+        let saved = save::write_full(&dest, mem, meta, self.io.as_ref(), &mut |_| {})?;
         self.next += 1;
         self.last = Some((saved.id, name));
         Ok(saved)
@@ -170,7 +174,7 @@ impl ChainWriter {
             id: parent_id,
             dir: parent_name,
         };
-        let saved = save::save_diff(&dest, parent, mem, ranges, meta, self.io.as_ref())?;
+        let saved = save::write_diff(&dest, parent, mem, ranges, meta, self.io.as_ref())?;
         self.next += 1;
         self.last = Some((saved.id, name));
         Ok(saved)
@@ -207,27 +211,52 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<SavedSnapshot, SnapshotErro
             reason: "merge needs at least one snapshot directory".into(),
         });
     };
+    let chain = Chain::load(leaf)?;
+    merge_chain(&chain, &dirs[..dirs.len() - 1], out, &mut |_| {})
+}
+
+/// The bytes [`merge_chain`] reports to its progress hook: every extent read, then every byte of
+/// guest memory written out.
+#[must_use]
+pub fn merge_bytes(chain: &Chain) -> u64 {
+    bytes_to_read(chain, RestoreMode::Eager) + chain.base().state.layout_bytes()
+}
+
+/// Squash a loaded `chain` into one full snapshot at `out`, telling `progress` how many bytes
+/// each step read or wrote (they add up to [`merge_bytes`]). `members`, if any, must be
+/// directories of snapshots in the chain.
+///
+/// # Errors
+/// Any [`SnapshotError`]; nothing exists at `out` on error.
+pub fn merge_chain(
+    chain: &Chain,
+    members: &[PathBuf],
+    out: &Path,
+    progress: &mut Progress<'_>,
+) -> Result<SavedSnapshot, SnapshotError> {
     if out.symlink_metadata().is_ok() {
         return Err(SnapshotError::DestinationExists {
             path: out.to_path_buf(),
         });
     }
-    let chain = Chain::load(leaf)?;
-    for d in &dirs[..dirs.len() - 1] {
+    for d in members {
         let s = LoadedSnapshot::open(d)?;
         if !chain.members.iter().any(|m| m.state.id == s.state.id) {
             return Err(SnapshotError::Usage {
                 path: d.clone(),
-                reason: format!("is not a member of the chain ending at {}", leaf.display()),
+                reason: format!(
+                    "is not a member of the chain ending at {}",
+                    chain.leaf().dir.display()
+                ),
             });
         }
     }
-    let restored = restore_chain(&chain, RestoreMode::Eager)?;
+    let restored = restore_chain_with(chain, RestoreMode::Eager, progress)?;
     let meta = SnapshotMeta {
         backend: restored.state.backend.clone(),
         geometry: restored.state.geometry,
         vcpus: restored.state.vcpus.clone(),
         devices: restored.state.devices.clone(),
     };
-    save::save_full(out, &restored.memory, &meta, &DirectIo)
+    save::save_full_with(out, &restored.memory, &meta, &DirectIo, progress)
 }

@@ -4,6 +4,11 @@
 //! a snapshot is not "open" until its memory file is known to be exactly as long as its layout.
 //! Checksums are checked later, as bytes are read (eager restore, verify, merge), because reading
 //! a whole memory file up front would defeat lazy restore.
+//!
+//! Why a loaded snapshot holds no open file: a chain can have thousands of members, more than a
+//! process may have descriptors open. Loading checks each memory file by `stat`; a reader opens
+//! one member's memory file at a time ([`LoadedSnapshot::open_memory`]) and checks it again on
+//! the descriptor it reads from (the file may have been replaced in between).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -21,8 +26,8 @@ use super::{MAX_CHAIN_LEN, MEMORY_FILE, STATE_FILE, SnapshotError};
 /// Receives each chunk of an extent as it is read: its guest address and bytes.
 pub type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), SnapshotError> + 'a;
 
-/// One snapshot directory, opened and validated: its state decoded and checked, its memory file
-/// open and of the right length.
+/// One snapshot directory, validated: its state decoded and checked, its memory file a regular
+/// file of the right length. No file stays open (see the module docs).
 #[derive(Debug)]
 pub struct LoadedSnapshot {
     /// The directory.
@@ -33,8 +38,13 @@ pub struct LoadedSnapshot {
     pub memory_path: PathBuf,
     /// The decoded, validated state.
     pub state: SnapshotState,
-    /// The open memory file.
-    pub memory: File,
+}
+
+/// A snapshot's memory file, open for reading and checked against its layout again.
+#[derive(Debug)]
+pub struct MemoryFile<'a> {
+    snapshot: &'a LoadedSnapshot,
+    file: File,
 }
 
 impl LoadedSnapshot {
@@ -46,44 +56,76 @@ impl LoadedSnapshot {
         let state_path = dir.join(STATE_FILE);
         let state = read_state(&state_path)?;
         let memory_path = dir.join(MEMORY_FILE);
-        let memory = open_regular(&memory_path)?;
-        let file_len = memory
-            .metadata()
-            .map_err(SnapshotError::io(&memory_path, "stat"))?
-            .len();
-        for e in &state.extents {
-            // validate() has placed every extent inside one region, so this cannot fail.
-            let offset = state.file_offset_of(e.gpa).unwrap_or(u64::MAX);
-            if offset.saturating_add(e.len) > file_len {
-                return Err(SnapshotError::ExtentPastMemoryFile {
-                    path: memory_path,
-                    gpa: e.gpa,
-                    len: e.len,
-                    offset,
-                    file_len,
-                });
-            }
+        let md = std::fs::metadata(&memory_path).map_err(SnapshotError::io(&memory_path, "open"))?;
+        if !md.is_file() {
+            return Err(SnapshotError::NotRegularFile { path: memory_path });
         }
-        let expected = state.layout_bytes();
-        if file_len != expected {
-            return Err(SnapshotError::MemoryFileLength {
-                path: memory_path,
-                expected,
-                actual: file_len,
-                reason: if file_len < expected {
-                    "shorter than its layout"
-                } else {
-                    "longer than its layout"
-                },
-            });
-        }
+        check_memory_len(&state, &memory_path, md.len())?;
         Ok(Self {
             dir: dir.to_path_buf(),
             state_path,
             memory_path,
             state,
-            memory,
         })
+    }
+
+    /// Open the memory file for reading, checking it again on the open descriptor (regular, of
+    /// the layout's length).
+    ///
+    /// # Errors
+    /// [`SnapshotError::Io`], [`SnapshotError::NotRegularFile`], or a length error naming the
+    /// memory file.
+    pub fn open_memory(&self) -> Result<MemoryFile<'_>, SnapshotError> {
+        let file = open_regular(&self.memory_path)?;
+        let md = file
+            .metadata()
+            .map_err(SnapshotError::io(&self.memory_path, "stat"))?;
+        if !md.is_file() {
+            return Err(SnapshotError::NotRegularFile {
+                path: self.memory_path.clone(),
+            });
+        }
+        check_memory_len(&self.state, &self.memory_path, md.len())?;
+        Ok(MemoryFile { snapshot: self, file })
+    }
+}
+
+/// Every extent inside the memory file, and the file exactly the layout's size.
+fn check_memory_len(state: &SnapshotState, memory_path: &Path, file_len: u64) -> Result<(), SnapshotError> {
+    for e in &state.extents {
+        // validate() has placed every extent inside one region, so this cannot fail.
+        let offset = state.file_offset_of(e.gpa).unwrap_or(u64::MAX);
+        if offset.saturating_add(e.len) > file_len {
+            return Err(SnapshotError::ExtentPastMemoryFile {
+                path: memory_path.to_path_buf(),
+                gpa: e.gpa,
+                len: e.len,
+                offset,
+                file_len,
+            });
+        }
+    }
+    let expected = state.layout_bytes();
+    if file_len != expected {
+        return Err(SnapshotError::MemoryFileLength {
+            path: memory_path.to_path_buf(),
+            expected,
+            actual: file_len,
+            reason: if file_len < expected {
+                "shorter than its layout"
+            } else {
+                "longer than its layout"
+            },
+        });
+    }
+    Ok(())
+}
+
+impl MemoryFile<'_> {
+    /// The open file.
+    #[must_use]
+    pub const fn file(&self) -> &File {
+        &self.file
     }
 
     /// Read one extent in chunks, handing each chunk (with its guest address) to `sink`, and
@@ -100,10 +142,11 @@ impl LoadedSnapshot {
     ) -> Result<(), SnapshotError> {
         buf.resize(CHUNK, 0);
         let base = self
+            .snapshot
             .state
             .file_offset_of(extent.gpa)
             .ok_or_else(|| SnapshotError::Format {
-                path: self.state_path.clone(),
+                path: self.snapshot.state_path.clone(),
                 source: super::FormatError::Invalid("extent outside the layout".into()),
             })?;
         let mut hasher = Xxh3::new();
@@ -111,9 +154,9 @@ impl LoadedSnapshot {
         while done < extent.len {
             let n = usize::try_from((extent.len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
             let chunk = &mut buf[..n];
-            self.memory
+            self.file
                 .read_exact_at(chunk, base + done)
-                .map_err(SnapshotError::io(&self.memory_path, "read"))?;
+                .map_err(SnapshotError::io(&self.snapshot.memory_path, "read"))?;
             hasher.update(chunk);
             sink(extent.gpa + done, chunk)?;
             done += n as u64;
@@ -121,7 +164,7 @@ impl LoadedSnapshot {
         let found = hasher.digest();
         if found != extent.xxh3 {
             return Err(SnapshotError::Checksum {
-                path: self.memory_path.clone(),
+                path: self.snapshot.memory_path.clone(),
                 gpa: extent.gpa,
                 len: extent.len,
                 expected: extent.xxh3,
@@ -144,8 +187,13 @@ fn open_regular(path: &Path) -> Result<File, SnapshotError> {
     File::open(path).map_err(SnapshotError::io(path, "open"))
 }
 
-/// Read and decode a state file, refusing one above the cap before reading it.
-fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
+/// Read, decode and validate one state file alone (no memory file, no chain), refusing one above
+/// the cap before reading it. For callers that hand the memory to someone else, such as a
+/// page-fault handler.
+///
+/// # Errors
+/// A [`SnapshotError`] naming the file: not a regular file, too large, or not a valid state.
+pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
     let f = open_regular(path)?;
     let len = f.metadata().map_err(SnapshotError::io(path, "stat"))?.len();
     if len > MAX_STATE_FILE {

@@ -26,12 +26,12 @@ pub mod verify;
 
 use std::path::{Path, PathBuf};
 
-pub use chain::{ChainWriter, merge};
+pub use chain::{ChainWriter, merge, merge_bytes, merge_chain};
 pub use format::{
     Extent, FormatError, ParentRef, RegionLayout, Section, SnapshotId, SnapshotKind, SnapshotState,
 };
 pub use io::{DirectIo, SnapshotIo};
-pub use load::{Chain, LoadedSnapshot};
+pub use load::{Chain, LoadedSnapshot, MemoryFile};
 pub use restore::{RestoreMode, Restored};
 pub use save::{SavedSnapshot, SnapshotMeta};
 pub use verify::{VerifyReport, verify};
@@ -40,6 +40,9 @@ pub use verify::{VerifyReport, verify};
 pub const STATE_FILE: &str = "state";
 /// Name of the memory file inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// A progress hook for long work (restore, merge): called with the bytes each step processed.
+pub type Progress<'a> = dyn FnMut(u64) + 'a;
+
 /// Longest chain followed before giving up (a guard against pathological input).
 pub const MAX_CHAIN_LEN: usize = 100_000;
 
@@ -47,7 +50,7 @@ pub const MAX_CHAIN_LEN: usize = 100_000;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// An I/O call failed.
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed")]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -57,7 +60,7 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     /// A state file's bytes were refused.
-    #[error("{path}: {source}")]
+    #[error("{path}: invalid state file")]
     Format {
         /// The state file.
         path: PathBuf,

@@ -20,10 +20,10 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
-use super::SnapshotError;
 use super::format::{RegionLayout, SnapshotState};
 use super::load::Chain;
 use super::save::{CHUNK, ZERO_PAGE, is_zero};
+use super::{Progress, SnapshotError};
 
 /// How to bring memory back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,21 +65,54 @@ pub fn restore(dir: &Path, mode: RestoreMode) -> Result<Restored, SnapshotError>
 /// # Errors
 /// Any [`SnapshotError`] from reading, naming the file.
 pub fn restore_chain(chain: &Chain, mode: RestoreMode) -> Result<Restored, SnapshotError> {
+    restore_chain_with(chain, mode, &mut |_| {})
+}
+
+/// The bytes [`restore_chain_with`] reads (and reports to its progress hook) for `chain` in
+/// `mode`: every extent of every member, the base's left out when it is mapped lazily.
+#[must_use]
+pub fn bytes_to_read(chain: &Chain, mode: RestoreMode) -> u64 {
+    let skip = usize::from(mode == RestoreMode::Lazy);
+    chain
+        .members
+        .iter()
+        .skip(skip)
+        .map(|m| m.state.extent_bytes())
+        .sum()
+}
+
+/// [`restore_chain`], telling `progress` how many bytes of extents each step read (the steps add
+/// up to [`bytes_to_read`]). Memory files are opened one at a time, so a chain of any length
+/// restores within any limit on open files.
+///
+/// # Errors
+/// Any [`SnapshotError`] from reading, naming the file.
+pub fn restore_chain_with(
+    chain: &Chain,
+    mode: RestoreMode,
+    progress: &mut Progress<'_>,
+) -> Result<Restored, SnapshotError> {
     let base = chain.base();
     let layout = &base.state.layout;
     let mut bytes_read = 0u64;
     let memory = match mode {
         RestoreMode::Eager => anonymous(layout)?,
-        RestoreMode::Lazy => map_private(&base.memory, &base.memory_path, layout)?,
+        RestoreMode::Lazy => {
+            let file = base.open_memory()?;
+            map_private(file.file(), &base.memory_path, layout)?
+        }
     };
     let mut buf = Vec::with_capacity(CHUNK);
     let skip = usize::from(mode == RestoreMode::Lazy);
     for (i, member) in chain.members.iter().enumerate().skip(skip) {
         // Fresh anonymous memory is zero: the base need not write its zero pages.
         let fresh = i == 0;
+        let file = member.open_memory()?;
         for extent in &member.state.extents {
-            member.read_extent(extent, &mut buf, &mut |gpa, bytes| {
-                write_guest(&memory, gpa, bytes, fresh)
+            file.read_extent(extent, &mut buf, &mut |gpa, bytes| {
+                write_guest(&memory, gpa, bytes, fresh)?;
+                progress(bytes.len() as u64);
+                Ok(())
             })?;
             bytes_read += extent.len;
         }

@@ -10,6 +10,13 @@
 //! Why temp-then-rename: the directory appears under its final name by one `rename` after both
 //! files and the directory itself are synced, and the parent directory is synced after the
 //! rename. Any failure before that removes the temp directory, so the destination is untouched.
+//! Where the file system lacks `RENAME_NOREPLACE` (NFS, older overlayfs), a plain `rename` takes
+//! its place; `rename_into_place` says why that still never replaces a snapshot.
+//!
+//! Why leftovers are swept: a process killed mid-save leaves its temp directory behind. Its name
+//! says which host and process made it, so the next save into the same directory removes the
+//! temp directories of processes of this host that no longer run, and nothing else: see
+//! [`remove_leftovers`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -23,7 +30,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::format::{Extent, ParentRef, RegionLayout, Section, SnapshotId, SnapshotKind, SnapshotState};
 use super::io::SnapshotIo;
-use super::{MEMORY_FILE, STATE_FILE, SnapshotError};
+use super::{MEMORY_FILE, Progress, STATE_FILE, SnapshotError};
 
 /// Bytes copied out of guest memory per step: small enough that the copy, the hash, the zero
 /// check and the kernel's copy in `pwrite` all hit the L2 cache.
@@ -234,10 +241,11 @@ impl MemoryWriter<'_> {
         mem: &GuestMemoryMmap<AtomicBitmap>,
         jobs: &[Job],
         skip_zero: bool,
+        progress: &mut Progress<'_>,
     ) -> Result<(Vec<u64>, u64), SnapshotError> {
         let total: u64 = jobs.iter().map(|j| j.len).sum();
         if total >= PIPELINE_MIN {
-            return self.copy_pipelined(mem, jobs, skip_zero);
+            return self.copy_pipelined(mem, jobs, skip_zero, progress);
         }
         let longest = jobs.iter().map(|j| j.len).max().unwrap_or(0);
         let mut buf = vec![0u8; usize::try_from(longest.min(CHUNK as u64)).unwrap_or(CHUNK)];
@@ -255,6 +263,7 @@ impl MemoryWriter<'_> {
                 runs(chunk, skip_zero, &mut spans);
                 written += self.put(chunk, &spans, job.file_offset + done)?;
                 done += n as u64;
+                progress(n as u64);
             }
             hashes.push(hasher.digest());
         }
@@ -269,6 +278,7 @@ impl MemoryWriter<'_> {
         mem: &GuestMemoryMmap<AtomicBitmap>,
         jobs: &[Job],
         skip_zero: bool,
+        progress: &mut Progress<'_>,
     ) -> Result<(Vec<u64>, u64), SnapshotError> {
         use std::sync::mpsc::sync_channel;
         type Filled = (Vec<u8>, usize, Vec<(usize, usize)>, u64);
@@ -307,6 +317,7 @@ impl MemoryWriter<'_> {
                             return Ok(hashes);
                         }
                         done += n as u64;
+                        progress(n as u64);
                     }
                     hashes.push(hasher.digest());
                 }
@@ -341,7 +352,8 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
     }) && blocks.remainder().iter().all(|&b| b == 0)
 }
 
-/// Write a full snapshot of `mem` to `dest` (which must not exist).
+/// Write a full snapshot of `mem` to `dest` (which must not exist). Removes the leftovers of
+/// interrupted saves from `dest`'s directory first ([`remove_leftovers`]).
 ///
 /// # Errors
 /// Any [`SnapshotError`]; on error nothing exists at `dest` and no temp files remain.
@@ -351,16 +363,57 @@ pub fn save_full(
     meta: &SnapshotMeta,
     io: &dyn SnapshotIo,
 ) -> Result<SavedSnapshot, SnapshotError> {
-    let layout = layout_of(mem, &meta.geometry)?;
-    let ranges: Vec<(u64, u64)> = layout.iter().map(|r| (r.gpa, r.len)).collect();
-    write_snapshot(dest, mem, meta, layout, &ranges, None, io)
+    save_full_with(dest, mem, meta, io, &mut |_| {})
+}
+
+/// [`save_full`], telling `progress` how many bytes of guest memory each step copied (the steps
+/// add up to the size of guest memory).
+///
+/// # Errors
+/// As [`save_full`].
+pub fn save_full_with(
+    dest: &Path,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    meta: &SnapshotMeta,
+    io: &dyn SnapshotIo,
+    progress: &mut Progress<'_>,
+) -> Result<SavedSnapshot, SnapshotError> {
+    remove_leftovers(parent_of(dest));
+    write_full(dest, mem, meta, io, progress)
 }
 
 /// Write a diff of `mem` holding `ranges` (the tracker's dirty ranges), chained to `parent`.
+/// Removes the leftovers of interrupted saves from `dest`'s directory first.
 ///
 /// # Errors
 /// Any [`SnapshotError`]; on error nothing exists at `dest` and no temp files remain.
 pub fn save_diff(
+    dest: &Path,
+    parent: ParentRef,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    ranges: &[GpaRange],
+    meta: &SnapshotMeta,
+    io: &dyn SnapshotIo,
+) -> Result<SavedSnapshot, SnapshotError> {
+    remove_leftovers(parent_of(dest));
+    write_diff(dest, parent, mem, ranges, meta, io)
+}
+
+/// [`save_full`] without the sweep (a chain writer sweeps its directory once, when it opens it).
+pub(crate) fn write_full(
+    dest: &Path,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    meta: &SnapshotMeta,
+    io: &dyn SnapshotIo,
+    progress: &mut Progress<'_>,
+) -> Result<SavedSnapshot, SnapshotError> {
+    let layout = layout_of(mem, &meta.geometry)?;
+    let ranges: Vec<(u64, u64)> = layout.iter().map(|r| (r.gpa, r.len)).collect();
+    write_snapshot(dest, mem, meta, layout, &ranges, None, io, progress)
+}
+
+/// [`save_diff`] without the sweep.
+pub(crate) fn write_diff(
     dest: &Path,
     parent: ParentRef,
     mem: &GuestMemoryMmap<AtomicBitmap>,
@@ -373,10 +426,11 @@ pub fn save_diff(
         .iter()
         .map(|r| (r.start(), r.len()))
         .collect();
-    write_snapshot(dest, mem, meta, layout, &ranges, Some(parent), io)
+    write_snapshot(dest, mem, meta, layout, &ranges, Some(parent), io, &mut |_| {})
 }
 
 /// Write a snapshot with the given extents through a temp directory and rename it into place.
+#[allow(clippy::too_many_arguments)] // internal: the two public entry points fill these in
 fn write_snapshot(
     dest: &Path,
     mem: &GuestMemoryMmap<AtomicBitmap>,
@@ -385,6 +439,7 @@ fn write_snapshot(
     ranges: &[(u64, u64)],
     parent: Option<ParentRef>,
     io: &dyn SnapshotIo,
+    progress: &mut Progress<'_>,
 ) -> Result<SavedSnapshot, SnapshotError> {
     if dest.symlink_metadata().is_ok() {
         return Err(SnapshotError::DestinationExists {
@@ -426,7 +481,7 @@ fn write_snapshot(
                 file_offset: region.file_offset + (gpa - region.gpa),
             });
         }
-        let (hashes, written) = w.copy_all(mem, &jobs, kind == SnapshotKind::Full)?;
+        let (hashes, written) = w.copy_all(mem, &jobs, kind == SnapshotKind::Full, progress)?;
         let extents: Vec<Extent> = jobs
             .iter()
             .zip(hashes)
@@ -472,7 +527,7 @@ fn write_snapshot(
     })();
     match result {
         Ok(saved) => {
-            if let Err(e) = rename_into_place(&tmp, dest) {
+            if let Err(e) = rename_into_place(&tmp, dest, io) {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(e);
             }
@@ -485,7 +540,32 @@ fn write_snapshot(
     }
 }
 
-/// A hidden temp directory beside `dest`: same file system, so the rename is atomic.
+/// What marks a temp directory as squib's: `.<name>.squib-tmp-<pid>-<n>@<host>`.
+const TEMP_MARK: &str = ".squib-tmp-";
+
+/// This host's name as it appears in temp names: the node name, with anything but ASCII letters,
+/// digits, `.`, `_` and `-` replaced by `_` (never `@`, which ends the process part).
+fn host_tag() -> String {
+    let uname = rustix::system::uname();
+    let name: String = uname
+        .nodename()
+        .to_string_lossy()
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() { "host".into() } else { name }
+}
+
+/// A hidden temp directory beside `dest`: same file system, so the rename is atomic. Its name
+/// (`.<name>.squib-tmp-<pid>-<n>@<host>`) says which process of which host made it, so a later
+/// save can tell an abandoned one from one in progress.
 fn temp_dir_for(dest: &Path) -> Result<PathBuf, SnapshotError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = dest.file_name().ok_or_else(|| SnapshotError::Usage {
@@ -493,34 +573,169 @@ fn temp_dir_for(dest: &Path) -> Result<PathBuf, SnapshotError> {
         reason: "destination has no directory name".into(),
     })?;
     let tmp_name = format!(
-        ".{}.tmp-{}-{}",
+        ".{}{TEMP_MARK}{}-{}@{}",
         name.to_string_lossy(),
         std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        host_tag()
     );
     Ok(dest.with_file_name(tmp_name))
 }
 
-/// `rename` without replacing anything (`RENAME_NOREPLACE`), then fsync the parent directory.
-fn rename_into_place(tmp: &Path, dest: &Path) -> Result<(), SnapshotError> {
-    use rustix::fs::{CWD, RenameFlags, renameat_with};
-    if let Err(errno) = renameat_with(CWD, tmp, CWD, dest, RenameFlags::NOREPLACE) {
-        if errno == rustix::io::Errno::EXIST {
-            return Err(SnapshotError::DestinationExists {
-                path: dest.to_path_buf(),
-            });
-        }
-        return Err(SnapshotError::Io {
-            path: dest.to_path_buf(),
-            op: "rename into place",
-            source: errno.into(),
-        });
+/// The process id and host of a name [`temp_dir_for`] makes, or `None` for any other name.
+fn parse_temp_name(name: &str) -> Option<(u32, &str)> {
+    let (front, host) = name.rsplit_once('@')?;
+    let valid_host = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let (front, counter) = front.rsplit_once('-')?;
+    let (front, pid) = front.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let dest = front
+        .strip_prefix('.')?
+        .strip_suffix(TEMP_MARK.trim_end_matches('-'))?;
+    if !valid_host || !digits(counter) || dest.is_empty() {
+        return None;
     }
-    let parent = match dest.parent() {
+    Some((pid.parse().ok().filter(|_| digits(pid))?, host))
+}
+
+/// Whether process `pid` of this host still exists (an existing process we may not signal
+/// counts as running).
+fn process_running(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return true;
+    };
+    !matches!(
+        rustix::process::test_kill_process(pid),
+        Err(rustix::io::Errno::SRCH)
+    )
+}
+
+/// Whether `dir` is a real directory holding nothing but what a save writes (regular `state` and
+/// `memory` files).
+fn holds_only_snapshot_files(dir: &Path) -> bool {
+    let Ok(md) = dir.symlink_metadata() else {
+        return false;
+    };
+    if !md.is_dir() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            (e.file_name() == MEMORY_FILE || e.file_name() == STATE_FILE)
+                && e.file_type().is_ok_and(|t| t.is_file())
+        })
+    })
+}
+
+/// Remove what interrupted saves left in `dir`: directories named as a save names its temp
+/// directory (`.<name>.squib-tmp-<pid>-<n>@<host>`), made on this host by a process that no
+/// longer exists, and holding nothing but `state` and `memory` files. Anything else is left alone: a user's file
+/// or directory with a similar name, a temp directory of a save still running (in this process
+/// or another), one from another host sharing the directory (its process cannot be checked from
+/// here). Best effort: a leftover that cannot be removed is logged, not an error of the save.
+/// Returns how many were removed.
+pub fn remove_leftovers(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let (me, host) = (std::process::id(), host_tag());
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((pid, from)) = name.to_str().and_then(parse_temp_name) else {
+            continue;
+        };
+        if from != host || pid == me || process_running(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if !holds_only_snapshot_files(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(path = %path.display(), pid, "removed the temp directory of an interrupted save");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the temp directory of an interrupted save");
+            }
+        }
+    }
+    removed
+}
+
+/// The directory `dest` is in (`.` for a bare name).
+pub(crate) fn parent_of(dest: &Path) -> &Path {
+    match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// Whether a `renameat2` error means the flag is not supported here (rather than a real failure).
+fn noreplace_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
+}
+
+/// Move the finished temp directory `tmp` to `dest` without ever replacing a snapshot, then
+/// fsync the parent directory.
+///
+/// First choice: `renameat2(RENAME_NOREPLACE)`, which fails with `EEXIST` if anything is at
+/// `dest`. Where the file system does not support the flag (`EINVAL` on NFS and older overlayfs,
+/// `ENOSYS` on old kernels), a plain `rename(2)` takes its place. That is still safe, because of
+/// what `rename` does with a *directory*: it replaces an existing `dest` only when `dest` is an
+/// empty directory; a non-empty directory fails with `ENOTEMPTY` or `EEXIST`, and a file or
+/// symlink with `ENOTDIR` (POSIX; Linux and NFS servers follow it). A snapshot directory always
+/// holds its `state` file (the temp directory is renamed only after both files are written and
+/// synced), so no snapshot can be replaced: at worst an empty directory created at `dest` between
+/// the existence check and the rename is, which held nothing. The rename itself is one atomic
+/// operation (on NFS, one server-side operation), so a reader sees either no `dest` or the whole
+/// synced snapshot, exactly as with the flag. (A `link` + `unlink` pair, the usual fallback for
+/// files, does not apply: directories cannot be hard-linked.)
+fn rename_into_place(tmp: &Path, dest: &Path, io: &dyn SnapshotIo) -> Result<(), SnapshotError> {
+    let exists = || SnapshotError::DestinationExists {
+        path: dest.to_path_buf(),
     };
-    sync_dir(parent)
+    match io.rename_noreplace(tmp, dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists()),
+        Err(e) if noreplace_unsupported(&e) => {
+            tracing::debug!(dest = %dest.display(), error = %e, "RENAME_NOREPLACE unsupported here: plain rename of the directory");
+            if let Err(e) = std::fs::rename(tmp, dest) {
+                let occupied = matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOTDIR | libc::EISDIR)
+                );
+                return Err(if occupied && dest.symlink_metadata().is_ok() {
+                    exists()
+                } else {
+                    SnapshotError::Io {
+                        path: dest.to_path_buf(),
+                        op: "rename into place",
+                        source: e,
+                    }
+                });
+            }
+        }
+        Err(e) => {
+            return Err(SnapshotError::Io {
+                path: dest.to_path_buf(),
+                op: "rename into place",
+                source: e,
+            });
+        }
+    }
+    sync_dir(parent_of(dest))
 }
 
 /// fsync a directory.

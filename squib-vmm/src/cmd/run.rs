@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use squib_snapshot::Policy;
+use squib_arch::{GpaRange, PageGeometry};
+use squib_snapshot::snapshot::restore::dump_memory;
+use squib_snapshot::snapshot::{SavedSnapshot, SnapshotError};
+use squib_snapshot::{ChainSink, CheckpointSink, Policy};
+use vm_memory::{GuestMemoryMmap, bitmap::AtomicBitmap};
 
 use super::CmdResult;
 
@@ -70,6 +74,14 @@ pub struct RunArgs {
     /// How long to run (e.g. 2s).
     #[arg(long = "for", value_parser = parse_duration)]
     pub run_for: Option<Duration>,
+    /// End a workload run once this many live checkpoints have saved guest writes (or when
+    /// `--for` ends, whichever comes first).
+    #[arg(long)]
+    pub stop_after_checkpoints: Option<u64>,
+    /// Write guest memory as it was at the run's closing checkpoint (the state the last snapshot
+    /// holds) as one raw file, regions in address order, as `snapshot restore --dump-memory` does.
+    #[arg(long)]
+    pub dump_memory: Option<PathBuf>,
     /// Serve Firecracker's API shape on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -100,6 +112,62 @@ impl RunArgs {
     }
 }
 
+/// What a workload run does with its checkpoints: with `--snapshot-dir`, saves each (the first
+/// full, then diffs); with `--dump-memory`, writes guest memory at the closing checkpoint.
+#[derive(Debug)]
+pub struct RunSink {
+    chain: Option<ChainSink>,
+    dump: Option<PathBuf>,
+}
+
+impl RunSink {
+    /// The sink `args` ask for, saving snapshots made by `backend` with `geometry`.
+    ///
+    /// # Errors
+    /// `--snapshot-dir` cannot be created or already holds a chain.
+    pub fn new(args: &RunArgs, backend: &str, geometry: PageGeometry) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let chain = match &args.snapshot_dir {
+            Some(dir) => Some(
+                ChainSink::create(dir, backend, geometry)
+                    .with_context(|| format!("--snapshot-dir {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            chain,
+            dump: args.dump_memory.clone(),
+        })
+    }
+
+    /// The snapshots saved so far, in chain order.
+    #[must_use]
+    pub fn saved(&self) -> &[SavedSnapshot] {
+        self.chain.as_ref().map_or(&[], ChainSink::saved)
+    }
+}
+
+impl CheckpointSink for RunSink {
+    type Error = SnapshotError;
+
+    fn write(
+        &mut self,
+        index: u64,
+        ranges: &[GpaRange],
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+    ) -> Result<(), SnapshotError> {
+        self.chain.write(index, ranges, mem)
+    }
+
+    fn finish(&mut self, mem: &GuestMemoryMmap<AtomicBitmap>) -> Result<(), SnapshotError> {
+        self.chain.finish(mem)?;
+        if let Some(out) = &self.dump {
+            dump_memory(mem, out)?;
+        }
+        Ok(())
+    }
+}
+
 /// Parse a flag's byte size with [`squib_arch::spec::parse_size`] (binary units K, M, G, T);
 /// a flag's size must be above zero.
 ///
@@ -127,6 +195,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Whatever the backend's runner reports.
 pub fn run(args: RunArgs) -> CmdResult {
     if args.kernel.is_some() || args.api_sock.is_some() {
+        if args.dump_memory.is_some() || args.stop_after_checkpoints.is_some() {
+            anyhow::bail!(
+                "--dump-memory and --stop-after-checkpoints are options of workload runs; with --kernel or --api-sock, take snapshots and restore them with `squib snapshot restore --dump-memory`"
+            );
+        }
         return super::run_kernel::run(args);
     }
     if let Some(trace) = &args.trace {

@@ -2,14 +2,18 @@
 //!
 //! The guest is squib-hvf's store loop (real aarch64 code, one loop per vCPU). The run
 //! checkpoints while the vCPUs write and ends by checking that the base snapshot plus every diff
-//! equals guest memory, so a summary that says "verified" means no write was lost. Elsewhere than
-//! Apple Silicon the command refuses at once, before looking at the other flags.
+//! equals guest memory, so a summary that says "verified" means no write was lost. With
+//! `--snapshot-dir` every checkpoint is saved through the same sink as the soft and KVM runs
+//! (the first full, the rest diffs); `--dump-memory` writes guest memory at the closing
+//! checkpoint. Elsewhere than Apple Silicon the command refuses at once, before looking at the
+//! other flags; the tests run the same command logic over squib-hvf's stand-in.
 
+use squib_arch::PageGeometry;
 use squib_arch::spec::NamedSpec;
-use squib_hvf::workload::{self, CheckpointRecord, RunReport, StoreLoopRun};
+use squib_hvf::workload::{self, CheckpointRecord, RunError, RunReport, StoreLoopRun};
 
 use super::CmdResult;
-use super::run::{DEFAULT_CHECKPOINT_EVERY, RunArgs, TrackingKind};
+use super::run::{RunArgs, RunSink, TrackingKind};
 
 /// What a user sees off Apple Silicon.
 pub const UNAVAILABLE: &str =
@@ -34,13 +38,6 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<StoreLoopRun> {
     if args.api_sock.is_some() {
         anyhow::bail!("--api-sock is not supported with --backend hvf");
     }
-    if let Some(dir) = &args.snapshot_dir {
-        anyhow::bail!(
-            "--snapshot-dir {}: writing snapshot files is not wired into --backend hvf yet; without it the run checkpoints every {}ms in memory and verifies base + diffs against guest memory",
-            dir.display(),
-            DEFAULT_CHECKPOINT_EVERY.as_millis()
-        );
-    }
     let (stride, passes) = parse_workload(args.workload.as_deref())?;
     Ok(StoreLoopRun {
         mem: args.mem,
@@ -50,6 +47,7 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<StoreLoopRun> {
         passes,
         checkpoint_every: args.checkpoint_every(),
         run_for: args.run_for(),
+        stop_after_checkpoints: args.stop_after_checkpoints,
     })
 }
 
@@ -87,25 +85,45 @@ pub fn run(args: &RunArgs) -> CmdResult {
     if !squib_hvf::AVAILABLE {
         anyhow::bail!(UNAVAILABLE);
     }
+    execute(args, workload::run::<RunSink>)
+}
+
+/// How a planned run is carried out: on Hypervisor.framework, or (in tests) over the stand-in.
+type Runner =
+    fn(&StoreLoopRun, &mut RunSink, &mut dyn FnMut(&CheckpointRecord)) -> Result<RunReport, RunError>;
+
+/// Plan the run, carry it out with `runner` into the sink `args` ask for, print the summary.
+fn execute(args: &RunArgs, runner: Runner) -> CmdResult {
+    use anyhow::Context as _;
     let plan = plan(args)?;
-    let report = workload::run(&plan, &mut |c: &CheckpointRecord| {
+    let mut sink = RunSink::new(args, "hvf", PageGeometry::APPLE_SILICON)?;
+    let report = runner(&plan, &mut sink, &mut |c: &CheckpointRecord| {
         tracing::info!(
             at_ms = c.at.as_millis(),
             ranges = c.ranges,
             dirty_bytes = c.dirty_bytes,
             "checkpoint"
         );
-    })?;
+    })
+    .context("squib run --backend hvf")?;
+    let saved = sink.saved().len();
     if args.json {
-        println!("{}", summary_json(&plan, &report));
+        println!("{}", summary_json(&plan, &report, saved));
     } else {
         print!("{}", summary_text(&plan, &report));
+        if let Some(dir) = &args.snapshot_dir {
+            println!(
+                "snapshots: {saved} written to {} (the first full, the rest diffs chained to it)",
+                dir.display()
+            );
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn summary_json(plan: &StoreLoopRun, r: &RunReport) -> serde_json::Value {
+fn summary_json(plan: &StoreLoopRun, r: &RunReport, saved: usize) -> serde_json::Value {
     serde_json::json!({
+        "snapshots_written": saved,
         "backend": "hvf",
         "policy": plan.policy.name(),
         "vcpus": plan.vcpus,
@@ -153,7 +171,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::cmd::run::DEFAULT_RUN_FOR;
+    use crate::cmd::run::{DEFAULT_CHECKPOINT_EVERY, DEFAULT_RUN_FOR};
     use std::time::Duration;
 
     #[derive(Parser)]
@@ -210,6 +228,60 @@ mod tests {
     }
 
     #[test]
+    fn test_should_write_a_snapshot_chain_from_the_hvf_run_through_the_stand_in() {
+        use squib_snapshot::snapshot::RestoreMode;
+        use squib_snapshot::snapshot::restore::{dump_memory, restore};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snaps");
+        let truth = tmp.path().join("truth.raw");
+        let argv = [
+            "--backend",
+            "hvf",
+            "--mem",
+            "2M",
+            "--vcpus",
+            "2",
+            "--workload",
+            "store-loop:stride=512,passes=30",
+            "--snapshot-every",
+            "2ms",
+            "--for",
+            "60s",
+            "--snapshot-dir",
+            dir.to_str().unwrap(),
+            "--dump-memory",
+            truth.to_str().unwrap(),
+            "--json",
+        ];
+        let a = args(&argv);
+        execute(&a, workload::run_on_stand_in::<RunSink>).unwrap();
+        let mut members: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        members.sort();
+        assert!(members[0].ends_with("000000-full"), "{members:?}");
+        let leaf = members.last().unwrap();
+        let restored = tmp.path().join("restored.raw");
+        let r = restore(leaf, RestoreMode::Eager).unwrap();
+        assert_eq!(r.state.backend, "hvf");
+        dump_memory(&r.memory, &restored).unwrap();
+        // Ground truth: guest memory at the closing checkpoint, dumped by the run itself.
+        let truth = std::fs::read(&truth).unwrap();
+        assert!(
+            std::fs::read(&restored).unwrap() == truth,
+            "the chain restores to other bytes"
+        );
+        // And an independent model of it: every vCPU finished, so each slot holds its last pass.
+        for p in workload::layout(&plan(&a).unwrap()).unwrap() {
+            for (gpa, want) in p.program.expected(p.program.passes) {
+                let off = usize::try_from(gpa - workload::RAM_BASE).unwrap();
+                assert_eq!(&truth[off..off + 32], &want[..], "slot at {gpa:#x}");
+            }
+        }
+    }
+
+    #[test]
     fn test_should_refuse_flags_the_hvf_run_cannot_honour() {
         for (argv, needle) in [
             (&["--workload", "seq"][..], "store-loop"),
@@ -220,7 +292,6 @@ mod tests {
             (&["--kernel", "vmlinux"], "--kernel"),
             (&["--api-sock", "/tmp/s"], "--api-sock"),
             (&["--tracking", "uffd-wp"], "KVM option"),
-            (&["--snapshot-dir", "snaps"], "snaps"),
         ] {
             let e = plan(&args(argv)).unwrap_err().to_string();
             assert!(e.contains(needle), "{argv:?}: {e}");

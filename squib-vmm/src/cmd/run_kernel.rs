@@ -47,7 +47,7 @@ mod imp {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, bail};
-    use squib_machine::console::Stdout;
+    use squib_machine::console::{DRAINED_CAPACITY, Drained, Stdout};
     use squib_machine::snapshot::{self, Staging};
     use squib_machine::{Console, Machine, MachineConfig, RestoreOptions};
     use squib_snapshot::snapshot::{ChainWriter, RestoreMode};
@@ -74,11 +74,14 @@ mod imp {
         }
         let vcpus = u8::try_from(args.vcpus).with_context(|| format!("--vcpus {}: too many", args.vcpus))?;
         let serial_file = args.serial_file.clone();
+        // Every sink that can block goes behind a Drained buffer: a console nobody reads must
+        // never hold a vCPU (and with it pause, snapshot and the API).
         let console = move || -> std::io::Result<Console> {
-            let mut console = Console::new().with_sink(Box::new(Stdout));
+            let mut console =
+                Console::new().with_sink(Box::new(Drained::new(Box::new(Stdout), DRAINED_CAPACITY)?));
             if let Some(path) = &serial_file {
                 let file = OpenOptions::new().create(true).append(true).open(path)?;
-                console = console.with_sink(Box::new(file));
+                console = console.with_sink(Box::new(Drained::new(Box::new(file), DRAINED_CAPACITY)?));
             }
             Ok(console)
         };
@@ -188,7 +191,7 @@ mod imp {
         let machine = Machine::restore(
             &loaded.state,
             loaded.memory,
-            Console::new().with_sink(Box::new(Stdout)),
+            Console::new().with_sink(Box::new(Drained::new(Box::new(Stdout), DRAINED_CAPACITY)?)),
             RestoreOptions::default(),
         )
         .with_context(|| format!("restoring {}", dir.display()))?;

@@ -24,9 +24,9 @@ mod linux {
     use squib_arch::PageGeometry;
     use squib_kvm::runner::{self, RunConfig, RunReport};
     use squib_kvm::{MemoryLayout, Tracking, VmConfig, Workload};
-    use squib_snapshot::{ChainSink, CountingSink, TrackingConfig};
+    use squib_snapshot::TrackingConfig;
 
-    use super::super::run::TrackingKind;
+    use super::super::run::{RunSink, TrackingKind};
     use super::{CmdResult, RunArgs};
 
     /// Run a KVM guest and print its summary.
@@ -52,21 +52,13 @@ mod linux {
             tracking: TrackingConfig::new(args.policy),
             run_for: args.run_for(),
             checkpoint_every: args.checkpoint_every(),
+            stop_after_checkpoints: args.stop_after_checkpoints,
         };
         // With --snapshot-dir every checkpoint is saved: the first full, the rest diffs chained to
         // it; the last is taken with the vCPUs paused.
-        let (report, saved) = match &args.snapshot_dir {
-            Some(dir) => {
-                let mut sink = ChainSink::create(dir, "kvm", PageGeometry::X86_64)
-                    .with_context(|| format!("--snapshot-dir {}", dir.display()))?;
-                let report = runner::run(&cfg, &mut sink).context("squib run --backend kvm")?;
-                (report, sink.saved().len())
-            }
-            None => (
-                runner::run(&cfg, &mut CountingSink).context("squib run --backend kvm")?,
-                0,
-            ),
-        };
+        let mut sink = RunSink::new(args, "kvm", PageGeometry::X86_64)?;
+        let report = runner::run(&cfg, &mut sink).context("squib run --backend kvm")?;
+        let saved = sink.saved().len();
         let t = &report.tracker;
         let cost = cfg
             .tracking

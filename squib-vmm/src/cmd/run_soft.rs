@@ -4,10 +4,10 @@ use anyhow::Context as _;
 use squib_arch::PageGeometry;
 use squib_kvm_sim::soft::runner::{self, DEFAULT_RAM_BASE, RunConfig, RunReport};
 use squib_kvm_sim::workload::WorkloadSpec;
-use squib_snapshot::{ChainSink, CountingSink, TrackingConfig};
+use squib_snapshot::TrackingConfig;
 
 use super::CmdResult;
-use super::run::RunArgs;
+use super::run::{RunArgs, RunSink};
 
 /// Run a simulated guest and print its summary.
 ///
@@ -25,20 +25,12 @@ pub fn run(args: &RunArgs) -> CmdResult {
         tracking: TrackingConfig::new(args.policy),
         run_for: args.run_for(),
         checkpoint_every: args.checkpoint_every(),
+        stop_after_checkpoints: args.stop_after_checkpoints,
     };
     // With --snapshot-dir every checkpoint is saved: the first full, the rest diffs chained to it.
-    let (report, saved) = match &args.snapshot_dir {
-        Some(dir) => {
-            let mut sink = ChainSink::create(dir, "soft", cfg.geometry)
-                .with_context(|| format!("--snapshot-dir {}", dir.display()))?;
-            let report = runner::run(&cfg, &mut sink).context("squib run --backend soft")?;
-            (report, sink.saved().len())
-        }
-        None => (
-            runner::run(&cfg, &mut CountingSink).context("squib run --backend soft")?,
-            0,
-        ),
-    };
+    let mut sink = RunSink::new(args, "soft", cfg.geometry)?;
+    let report = runner::run(&cfg, &mut sink).context("squib run --backend soft")?;
+    let saved = sink.saved().len();
     let cost = cfg.tracking.cost.cost_us(
         report.tracker.faults,
         report.tracker.protect_calls,

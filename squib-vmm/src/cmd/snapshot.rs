@@ -4,17 +4,20 @@
 //! and the reason and the exit status is non-zero. `verify` exits 0 only when the whole chain is
 //! sound. `--json` output goes to standard output only.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use squib_snapshot::snapshot::load::geometry_name;
-use squib_snapshot::snapshot::restore::{dump_memory, restore_chain};
-use squib_snapshot::snapshot::{Chain, LoadedSnapshot, RestoreMode, SnapshotState, merge, verify};
+use squib_snapshot::snapshot::restore::{bytes_to_read, dump_memory, restore_chain_with};
+use squib_snapshot::snapshot::{
+    Chain, LoadedSnapshot, RestoreMode, SnapshotState, merge_bytes, merge_chain, verify,
+};
 
 use super::CmdResult;
 use super::run::BackendKind;
@@ -80,7 +83,14 @@ pub fn run(c: SnapshotCommand) -> CmdResult {
         SnapshotCommand::Verify { dir, json } => verify_cmd(&dir, json),
         SnapshotCommand::Merge { dirs, out } => {
             let started = Instant::now();
-            let saved = merge(&dirs, &out)?;
+            let Some((leaf, members)) = dirs.split_last() else {
+                anyhow::bail!("merge needs at least one snapshot directory");
+            };
+            let chain = Chain::load(leaf)?;
+            let bar = progress_bar(merge_bytes(&chain), "merge");
+            let saved = merge_chain(&chain, members, &out, &mut |n| bar.inc(n));
+            bar.finish_and_clear();
+            let saved = saved?;
             eprintln!(
                 "merged {} into {} ({} bytes, {} written) in {:.1?}",
                 dirs.last().map(|d| d.display().to_string()).unwrap_or_default(),
@@ -115,6 +125,22 @@ pub fn run(c: SnapshotCommand) -> CmdResult {
             None => restore_cmd(&dir, lazy, backend, dump, json),
         },
     }
+}
+
+/// A bar over `total` bytes on standard error, drawn only when standard error is a terminal (so
+/// scripts and pipes see none of it); hidden otherwise.
+fn progress_bar(total: u64, what: &'static str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{msg:>7} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what);
+    bar
 }
 
 fn backend_name(b: BackendKind) -> &'static str {
@@ -239,7 +265,10 @@ fn restore_cmd(
     } else {
         RestoreMode::Eager
     };
-    let restored = restore_chain(&chain, mode)?;
+    let bar = progress_bar(bytes_to_read(&chain, mode), "restore");
+    let restored = restore_chain_with(&chain, mode, &mut |n| bar.inc(n));
+    bar.finish_and_clear();
+    let restored = restored?;
     let elapsed = started.elapsed();
     if let Some(out) = &dump {
         dump_memory(&restored.memory, out).with_context(|| format!("dumping memory to {}", out.display()))?;
