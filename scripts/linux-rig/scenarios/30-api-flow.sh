@@ -12,7 +12,7 @@ load() { # load NAME DIR: a new process that loads DIR paused, then resumes it
   start "$1" run --backend kvm --api-sock "$W/$1.sock"
   wait_sock "$1"
   ms=$(api "$1" PUT /snapshot/load "{\"snapshot_path\": \"$2/state\", \"mem_backend\": \
-{\"backend_type\": \"File\", \"backend_path\": \"$2/memory\"}, \"enable_diff_snapshots\": true, \"resume_vm\": false}")
+{\"backend_type\": \"File\", \"backend_path\": \"$2/memory\"}, \"track_dirty_pages\": true, \"resume_vm\": false}")
   note "figure load_ms=$ms ($1)"
   note "figure resume_ms=$(api "$1" PATCH /vm '{"state": "Resumed"}') ($1)"
 }
