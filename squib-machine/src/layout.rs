@@ -24,6 +24,9 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 2048;
 /// Start of the extended BIOS data area: conventional RAM ends here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI RSDP, with the other ACPI tables after it: in the BIOS area (0xe0000..0x100000) that
+/// a kernel scans for it, outside the e820 RAM map.
+pub const RSDP_ADDR: u64 = 0xe_0000;
 /// Start of high memory; an ELF entry below it is refused.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole (LAPIC, IOAPIC, KVM's TSS): RAM must end below it.

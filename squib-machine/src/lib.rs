@@ -51,6 +51,7 @@
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod boot;
 pub mod console;
 pub mod cpuid;
@@ -126,6 +127,9 @@ pub enum MachineError {
     /// Loading the kernel or writing boot structures failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// The MP table could not be written.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
@@ -320,18 +324,20 @@ impl Machine {
         boot::write_boot_params(&memory, &config.cmdline, config.mem_size, initrd)?;
         boot::write_tables(&memory)?;
         mptable::write(&memory, config.vcpus)?;
+        acpi::write(&memory, config.vcpus)?;
 
         let (kvm, vm) = create_vm(&memory, config.track_dirty_pages)?;
         let devices = Arc::new(Devices {
             com1: Mutex::new(Serial::new(irq_trigger(&vm)?, console)),
         });
         let supported = supported_cpuid(&kvm)?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(&supported, index, config.vcpus))
+            fd.set_cpuid2(&cpuid::for_vcpu(&supported, index, config.vcpus, tsc_deadline))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
             set_msrs(&fd, &boot::msrs())?;
             fd.set_regs(&boot::regs(entry)).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -839,9 +845,12 @@ fn capture_vcpu(fd: &VcpuFd, msr_list: &[u32], xsave_size: usize) -> Result<Vcpu
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_CPUID2"))?;
     let msrs = get_msrs(fd, msr_list)?;
+    // The rate the guest's TSC runs at (KVM without KVM_CAP_GET_TSC_KHZ: unknown, not saved).
+    let tsc_khz = fd.get_tsc_khz().ok();
     // Events last: the pending-interrupt record must match the LAPIC read above.
     let events = fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
+        tsc_khz,
         cpuid: cpuid.as_slice().to_vec(),
         mp_state,
         regs,
@@ -855,7 +864,49 @@ fn capture_vcpu(fd: &VcpuFd, msr_list: &[u32], xsave_size: usize) -> Result<Vcpu
     })
 }
 
+/// How far (in parts per million) this host's TSC rate may differ from a snapshot's before
+/// the restored vCPU's TSC is scaled to the snapshot's: boot-time calibration of one and the
+/// same clock differs by less (QEMU's and Firecracker's tolerance).
+const TSC_KHZ_TOLERANCE_PPM: u64 = 250;
+
+/// Whether a vCPU whose TSC runs at `host_khz` must be scaled to run at `saved_khz`.
+#[must_use]
+pub fn tsc_needs_scaling(host_khz: u32, saved_khz: u32) -> bool {
+    u64::from(host_khz.abs_diff(saved_khz)) * 1_000_000 > u64::from(saved_khz) * TSC_KHZ_TOLERANCE_PPM
+}
+
+/// The MSRs as `KVM_SET_MSRS` must take them after a restore: everything but the TSC deadline,
+/// then the TSC deadline alone. KVM arms the LAPIC's one-shot timer by comparing the deadline
+/// with the guest TSC at the time of the write, so the TSC must already hold its restored
+/// value. A deadline of 0 with the timer in TSC-deadline mode (seen when a snapshot falls just
+/// as the timer fired and before the guest re-armed it) would leave the guest without timer
+/// interrupts for good; it becomes the restored TSC, a deadline already due, so the timer
+/// fires at once and the guest's handler re-arms it (Firecracker does the same).
+#[must_use]
+pub fn restore_order_msrs(msrs: &[kvm_msr_entry]) -> (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) {
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    let (mut deferred, first): (Vec<_>, Vec<_>) = msrs
+        .iter()
+        .copied()
+        .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    if let Some(tsc) = tsc {
+        for m in deferred.iter_mut().filter(|m| m.data == 0) {
+            m.data = tsc;
+        }
+    }
+    (first, deferred)
+}
+
 fn restore_vcpu(fd: &VcpuFd, vs: &VcpuState, xsave_size: usize) -> Result<(), MachineError> {
+    // The TSC's rate before anything that reads or writes TSC values.
+    if let Some(saved) = vs.tsc_khz {
+        let host = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        if tsc_needs_scaling(host, saved) {
+            fd.set_tsc_khz(saved).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
+        }
+    }
     // Order matters (as in Firecracker): CPUID before MSRs (it decides which
     // exist); sregs before the LAPIC (sregs carry the APIC base); the LAPIC
     // before MSRs (TSC deadline) and before events; events last.
@@ -871,8 +922,53 @@ fn restore_vcpu(fd: &VcpuFd, vs: &VcpuState, xsave_size: usize) -> Result<(), Ma
     fd.set_debug_regs(&vs.debug_regs)
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&vs.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-    set_msrs(fd, &vs.msrs)?;
+    let (msrs, deadline) = restore_order_msrs(&vs.msrs);
+    set_msrs(fd, &msrs)?;
+    set_msrs(fd, &deadline)?;
     fd.set_vcpu_events(&vs.events)
         .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    // The guest was stopped: its kvmclock page says so at the next entry, and a guest that
+    // reads it (Linux) does not take the time it spent saved for a soft lockup. Refused
+    // (EINVAL) where the guest never enabled kvmclock, as squib's test guest does not.
+    let _ = fd.kvmclock_ctrl();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msr(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn test_should_restore_the_tsc_deadline_after_the_tsc_and_never_as_zero() {
+        let saved = [msr(0x6e0, 0), msr(0x10, 5_000_000), msr(0x1b, 0xfee0_0900)];
+        let (first, deferred) = restore_order_msrs(&saved);
+        let idx = |v: &[kvm_msr_entry]| v.iter().map(|m| (m.index, m.data)).collect::<Vec<_>>();
+        assert_eq!(idx(&first), vec![(0x10, 5_000_000), (0x1b, 0xfee0_0900)]);
+        assert_eq!(
+            idx(&deferred),
+            vec![(0x6e0, 5_000_000)],
+            "a zero deadline becomes the TSC: due at once"
+        );
+        let (_, deferred) = restore_order_msrs(&[msr(0x10, 7), msr(0x6e0, 9)]);
+        assert_eq!(idx(&deferred), vec![(0x6e0, 9)], "an armed deadline is kept");
+    }
+
+    #[test]
+    fn test_should_scale_the_tsc_only_beyond_250_ppm() {
+        assert!(
+            !tsc_needs_scaling(2_596_119, 2_596_138),
+            "7 ppm: one clock calibrated twice"
+        );
+        assert!(!tsc_needs_scaling(1_000_250, 1_000_000), "exactly 250 ppm");
+        assert!(tsc_needs_scaling(1_000_251, 1_000_000));
+        assert!(tsc_needs_scaling(2_000_000, 3_000_000), "another host");
+    }
 }

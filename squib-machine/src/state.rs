@@ -26,8 +26,8 @@ pub const VM_SECTION: &str = "kvm-machine";
 pub const COM1_SECTION: &str = "com1";
 
 /// Format version of [`MachineState`]'s encoding; bumped on any incompatible change (2: postcard
-/// instead of JSON, and an XSAVE area of the size KVM reports).
-pub const STATE_VERSION: u32 = 2;
+/// instead of JSON, and an XSAVE area of the size KVM reports; 3: each vCPU's TSC rate).
+pub const STATE_VERSION: u32 = 3;
 
 /// Most vCPUs a state may hold.
 pub const MAX_STATE_VCPUS: usize = 256;
@@ -63,6 +63,10 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs, interrupt shadow.
     pub events: kvm_vcpu_events,
+    /// The guest TSC's rate in kHz (`KVM_GET_TSC_KHZ`); a restore on a host whose rate differs
+    /// by more than 250 ppm scales the vCPU's TSC to it. `None` where KVM cannot tell (then the
+    /// restore does not scale).
+    pub tsc_khz: Option<u32>,
 }
 
 /// A paused machine's state, memory excepted.

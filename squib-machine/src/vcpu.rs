@@ -96,6 +96,9 @@ fn run(vcpu: &Arc<Mutex<VcpuFd>>, control: &Rendezvous, devices: &Devices) {
                 // Completes a pending port/MMIO read; returns EINTR at once.
                 let _ = fd.run();
                 fd.set_kvm_immediate_exit(0);
+                // Tell a kvmclock guest it was stopped, so the pause is not taken for a soft
+                // lockup when it runs again (EINVAL, ignored, where the guest has no kvmclock).
+                let _ = fd.kvmclock_ctrl();
             }
             if control.park() == Want::Stop {
                 control.exit();

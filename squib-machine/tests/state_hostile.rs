@@ -38,6 +38,7 @@ fn vcpu(i: u32) -> VcpuState {
             4
         ],
         events: Default::default(),
+        tsc_khz: Some(2_596_138),
     }
 }
 
