@@ -16,7 +16,7 @@ use squib_arch::{GpaRange, PageGeometry};
 use squib_benches::{bench_dir, raw_pwrite, scattered};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
-use squib_snapshot::snapshot::{DirectIo, ParentRef, RestoreMode, SnapshotMeta};
+use squib_snapshot::snapshot::{DirectIo, ParentLink, Placement, RestoreMode, SnapshotMeta};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, WriteVolatile};
 
@@ -70,9 +70,9 @@ fn save(c: &mut Criterion) {
         n += 1;
         dir.path().join(format!("{what}-{n}"))
     };
-    let parent = ParentRef {
+    let parent = ParentLink {
         id: squib_snapshot::snapshot::SnapshotId(1),
-        dir: "base".into(),
+        state: dir.path().join("base").join("state"),
     };
 
     g.bench_function("diff_1GiB_1pct", |b| {
@@ -81,7 +81,7 @@ fn save(c: &mut Criterion) {
             for _ in 0..iters {
                 let dest = fresh("diff");
                 let t = Instant::now();
-                save_diff(&dest, parent.clone(), &mem, &ranges, &meta, &DirectIo).expect("diff");
+                save_diff(Placement::Dir(&dest), &parent, &mem, &ranges, &meta, &DirectIo).expect("diff");
                 total += t.elapsed();
                 std::fs::remove_dir_all(&dest).expect("cleanup");
             }
@@ -107,7 +107,7 @@ fn save(c: &mut Criterion) {
             for _ in 0..iters {
                 let dest = fresh("full");
                 let t = Instant::now();
-                save_full(&dest, &mem, &meta, &DirectIo).expect("full");
+                save_full(Placement::Dir(&dest), &mem, &meta, &DirectIo).expect("full");
                 total += t.elapsed();
                 std::fs::remove_dir_all(&dest).expect("cleanup");
             }
@@ -142,7 +142,7 @@ fn restore_benches(c: &mut Criterion) {
     {
         let mem = guest(size);
         save_full(
-            &snap,
+            Placement::Dir(&snap),
             &mem,
             &SnapshotMeta::new("soft", PageGeometry::APPLE_SILICON),
             &DirectIo,

@@ -19,7 +19,9 @@ use squib_arch::{GpaRange, PageGeometry};
 use squib_benches::{bench_dir, raw_pwrite, scattered};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
-use squib_snapshot::snapshot::{DirectIo, ParentRef, RestoreMode, SnapshotId, SnapshotIo, SnapshotMeta};
+use squib_snapshot::snapshot::{
+    DirectIo, ParentLink, Placement, RestoreMode, SnapshotId, SnapshotIo, SnapshotMeta,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -93,9 +95,9 @@ fn save_sweep(c: &mut Criterion) {
     let mem = guest(size, 1);
     let meta = SnapshotMeta::new("soft", PageGeometry::APPLE_SILICON);
     let dir = bench_dir();
-    let parent = ParentRef {
+    let parent = ParentLink {
         id: SnapshotId(1),
-        dir: "base".into(),
+        state: dir.path().join("base").join("state"),
     };
     let mut n = 0u64;
     let mut fresh = |what: &str| {
@@ -113,7 +115,7 @@ fn save_sweep(c: &mut Criterion) {
             let dirty_bytes: u64 = ranges.iter().map(GpaRange::len).sum();
             let io = CountingIo::default();
             let probe = fresh("probe");
-            save_diff(&probe, parent.clone(), &mem, &ranges, &meta, &io).expect("diff");
+            save_diff(Placement::Dir(&probe), &parent, &mem, &ranges, &meta, &io).expect("diff");
             std::fs::remove_dir_all(&probe).expect("cleanup");
             println!(
                 "figures diff_{pct}_{shape}: dirty {dirty_bytes} B in {} ranges; wrote {} B ({:.4}x dirty) in {} write calls",
@@ -128,7 +130,8 @@ fn save_sweep(c: &mut Criterion) {
                     for _ in 0..iters {
                         let dest = fresh("diff");
                         let t = Instant::now();
-                        save_diff(&dest, parent.clone(), &mem, &ranges, &meta, &DirectIo).expect("diff");
+                        save_diff(Placement::Dir(&dest), &parent, &mem, &ranges, &meta, &DirectIo)
+                            .expect("diff");
                         total += t.elapsed();
                         std::fs::remove_dir_all(&dest).expect("cleanup");
                     }
@@ -170,7 +173,7 @@ fn restore_sweep(c: &mut Criterion) {
             // Sparse: one 16 KiB unit in 64 holds data; the rest are holes in the memory file.
             let mem = guest(size, 64);
             save_full(
-                &snap,
+                Placement::Dir(&snap),
                 &mem,
                 &SnapshotMeta::new("soft", PageGeometry::APPLE_SILICON),
                 &DirectIo,

@@ -8,8 +8,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use squib_fuzz::{MAX_MEMORY, NAMES, fix_header, parse};
+use squib_snapshot::snapshot::format::MemoryTrailer;
 use squib_snapshot::snapshot::restore::restore;
-use squib_snapshot::snapshot::{Chain, MEMORY_FILE, RestoreMode, STATE_FILE, verify};
+use squib_snapshot::snapshot::{Chain, MEMORY_FILE, RestoreMode, STATE_FILE, SnapshotState, verify};
 
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -18,7 +19,10 @@ fn scratch() -> &'static PathBuf {
 
 fuzz_target!(|data: &[u8]| {
     let Some(members) = parse(data) else { return };
-    if members.iter().any(|m| m.memory_len > MAX_MEMORY || m.data.len() > m.memory_len as usize) {
+    if members
+        .iter()
+        .any(|m| m.memory_len > MAX_MEMORY || m.data.len() > m.memory_len as usize)
+    {
         return;
     }
     let root = scratch().join("chain");
@@ -28,14 +32,26 @@ fuzz_target!(|data: &[u8]| {
         let dir = root.join(name);
         std::fs::create_dir(&dir).expect("member dir");
         // Valid headers, so mutations reach the body rules and the chain logic.
-        std::fs::write(dir.join(STATE_FILE), fix_header(m.state)).expect("state");
+        let state = fix_header(m.state);
+        std::fs::write(dir.join(STATE_FILE), &state).expect("state");
         let mem = dir.join(MEMORY_FILE);
         std::fs::write(&mem, m.data).expect("memory");
-        std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&mem)
-            .and_then(|f| f.set_len(u64::from(m.memory_len)))
-            .expect("memory length");
+            .expect("memory");
+        f.set_len(u64::from(m.memory_len)).expect("memory length");
+        // A trailer naming the state's id where its layout ends (when the file is long enough),
+        // so mutations of the state body get past the identity check to the extents.
+        if let Ok(s) = SnapshotState::decode(&state)
+            && s.memory_file_len() == u64::from(m.memory_len)
+        {
+            let t = MemoryTrailer {
+                id: s.id,
+                layout_bytes: s.layout_bytes(),
+            };
+            std::os::unix::fs::FileExt::write_all_at(&f, &t.encode(), s.layout_bytes()).expect("trailer");
+        }
     }
     let leaf = root.join(NAMES[members.len() - 1]);
     if Chain::load(&leaf).is_ok() {
@@ -43,6 +59,9 @@ fuzz_target!(|data: &[u8]| {
         let eager = restore(&leaf, RestoreMode::Eager);
         let lazy = restore(&leaf, RestoreMode::Lazy);
         // A chain that restores eagerly (every checksum matched) restores lazily too.
-        assert!(eager.is_err() || lazy.is_ok(), "eager restore succeeded but lazy failed");
+        assert!(
+            eager.is_err() || lazy.is_ok(),
+            "eager restore succeeded but lazy failed"
+        );
     }
 });

@@ -17,11 +17,11 @@ fn main() {
     let mut meta = SnapshotMeta::new("soft", PageGeometry::X86_64);
     meta.vcpus = vec![vec![1, 2, 3]];
     let mut w = ChainWriter::create(tmp.path()).expect("chain");
-    let mut dirs = vec![w.save(&mem, &[], &meta).expect("full").dir];
+    let mut dirs = vec![w.save(&mem, &[], &meta).expect("full").path];
     mem.write_slice(&[0xA5; 0x10], GuestAddress(0x3000)).expect("write");
-    dirs.push(w.save(&mem, &[GpaRange::new(0x3000, 0x1000).unwrap()], &meta).expect("diff").dir);
+    dirs.push(w.save(&mem, &[GpaRange::new(0x3000, 0x1000).unwrap()], &meta).expect("diff").path);
     mem.write_slice(&[0x11; 0x10], GuestAddress(0x10_1000)).expect("write");
-    dirs.push(w.save(&mem, &[GpaRange::new(0x10_1000, 0x1000).unwrap()], &meta).expect("diff").dir);
+    dirs.push(w.save(&mem, &[GpaRange::new(0x10_1000, 0x1000).unwrap()], &meta).expect("diff").path);
 
     let mut members = Vec::new();
     for d in &dirs {

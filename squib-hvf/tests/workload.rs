@@ -90,7 +90,7 @@ fn run_into_chain(run: &StoreLoopRun) -> (RunReport, [Vec<u8>; 2], Vec<u8>) {
     let image = sink.final_image.clone().expect("finish ran");
     assert_eq!(image.len(), 1);
     let (gpa, truth) = image.into_iter().next().unwrap();
-    let leaf = sink.inner.saved().last().unwrap().dir.clone();
+    let leaf = sink.inner.saved().last().unwrap().path.clone();
     let eager = restored(&leaf, RestoreMode::Eager, gpa, truth.len());
     let lazy = restored(&leaf, RestoreMode::Lazy, gpa, truth.len());
     (report, [eager, lazy], truth)

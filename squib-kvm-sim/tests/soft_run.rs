@@ -78,7 +78,7 @@ fn test_should_restore_the_chain_of_a_run_to_the_guest_memory_at_its_closing_che
             r.checkpoints.len(),
             "{policy}: one snapshot per checkpoint"
         );
-        let leaf = &saved.last().unwrap().dir;
+        let leaf = &saved.last().unwrap().path;
         for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
             assert!(
                 restored_image(leaf, mode, &image) == image,

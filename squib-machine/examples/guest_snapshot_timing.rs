@@ -64,7 +64,7 @@ fn main() {
         t.elapsed(),
         full.written_bytes >> 20
     );
-    let base = full.dir;
+    let base = full.path;
     machine.resume();
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(300));

@@ -35,8 +35,8 @@ use squib_arch::{GpaRange, PageGeometry};
 use squib_snapshot::snapshot::restore::restore_chain;
 use squib_snapshot::snapshot::save::{save_diff, save_full};
 use squib_snapshot::snapshot::{
-    Chain, ChainWriter, DirectIo, ParentRef, RestoreMode, SavedSnapshot, SnapshotError, SnapshotKind,
-    SnapshotMeta, SnapshotState,
+    Chain, ChainWriter, DirectIo, LoadedSnapshot, ParentLink, Placement, RestoreMode, SavedSnapshot,
+    SnapshotError, SnapshotKind, SnapshotMeta, SnapshotState, merge_in_place,
 };
 use squib_snapshot::{BackendError, CheckpointError};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, VolatileSlice};
@@ -100,10 +100,15 @@ pub enum MachineSnapshotError {
 /// Where a save goes.
 #[derive(Debug)]
 pub enum Target<'a> {
-    /// A full snapshot at this directory (which must not exist).
-    Full(&'a Path),
-    /// A diff at this directory, chained to `ParentRef` (a sibling directory).
-    Diff(&'a Path, ParentRef),
+    /// A full snapshot: a new directory (squib's layout), or a state file and a memory file
+    /// anywhere (Firecracker's).
+    Full(Placement<'a>),
+    /// A diff, chained to the snapshot whose state file `ParentLink` names.
+    Diff(Placement<'a>, ParentLink),
+    /// A diff merged into the memory file of its full parent (the loaded snapshot), giving a
+    /// full snapshot whose state file is at the path (Firecracker's in-place merge). On success
+    /// the loaded snapshot describes the merge.
+    MergeInPlace(&'a Path, &'a mut LoadedSnapshot),
     /// The next member of a chain: full if the chain is empty, else a diff.
     Chain(&'a mut ChainWriter),
 }
@@ -129,8 +134,9 @@ fn write(
     meta: &SnapshotMeta,
 ) -> Result<SavedSnapshot, SnapshotError> {
     match target {
-        Target::Full(dest) => save_full(dest, mem, meta, &DirectIo),
-        Target::Diff(dest, parent) => save_diff(dest, parent.clone(), mem, ranges, meta, &DirectIo),
+        Target::Full(dest) => save_full(*dest, mem, meta, &DirectIo),
+        Target::Diff(dest, parent) => save_diff(*dest, parent, mem, ranges, meta, &DirectIo),
+        Target::MergeInPlace(state, base) => merge_in_place(state, base, mem, ranges, meta, &DirectIo),
         Target::Chain(chain) => chain.save(mem, ranges, meta),
     }
 }
@@ -144,19 +150,33 @@ pub fn save(machine: &Machine, target: Target<'_>) -> Result<SavedSnapshot, Mach
     if let Some(why) = machine.failure() {
         return Err(MachineSnapshotError::Failed(why));
     }
-    let dest = match &target {
-        Target::Full(d) | Target::Diff(d, _) => Some(d.to_path_buf()),
-        Target::Chain(_) => None,
+    // What a save at `target` writes: a directory, or files (the state file first: it is what
+    // makes the snapshot loadable).
+    let dest: Vec<(PathBuf, bool)> = match &target {
+        Target::Full(Placement::Dir(d)) | Target::Diff(Placement::Dir(d), _) => vec![(d.to_path_buf(), true)],
+        Target::Full(Placement::Files { state, memory })
+        | Target::Diff(Placement::Files { state, memory }, _) => {
+            vec![(state.to_path_buf(), false), (memory.to_path_buf(), false)]
+        }
+        // The base's memory file is the user's; its trailer already names the merge, so the old
+        // state is refused, and without the new state file nothing names what it now holds.
+        Target::MergeInPlace(state, _) => vec![(state.to_path_buf(), false)],
+        Target::Chain(_) => Vec::new(),
     };
     let saved = save_paused(machine, target)?;
     // A failure recorded while the memory was being copied may mean the copy read pages that were
     // never the guest's (a page server's memory released after its server died): discard it.
     // (A chain's member stays: the writer counts it; the error says what happened.)
     if let Some(why) = machine.failure() {
-        if let Some(written) = dest
-            && let Err(e) = std::fs::remove_dir_all(&written)
-        {
-            tracing::error!(path = %written.display(), error = %e, "cannot remove a snapshot taken across a guest failure");
+        for (written, is_dir) in dest {
+            let removed = if is_dir {
+                std::fs::remove_dir_all(&written)
+            } else {
+                std::fs::remove_file(&written)
+            };
+            if let Err(e) = removed {
+                tracing::error!(path = %written.display(), error = %e, "cannot remove a snapshot taken across a guest failure");
+            }
         }
         return Err(MachineSnapshotError::FailedDuring(why));
     }
@@ -169,7 +189,7 @@ fn save_paused(machine: &Machine, mut target: Target<'_>) -> Result<SavedSnapsho
     let Some(tracker) = machine.tracker() else {
         let diff = match &target {
             Target::Full(_) => false,
-            Target::Diff(..) => true,
+            Target::Diff(..) | Target::MergeInPlace(..) => true,
             Target::Chain(c) => c.leaf().is_some(),
         };
         if diff {
@@ -201,18 +221,36 @@ pub struct LoadedMachine {
     pub memory: GuestMemory,
     /// The leaf snapshot's state (its id is what the next diff chains to).
     pub snapshot: SnapshotState,
-    /// The leaf's directory.
+    /// What names the leaf: its directory (squib's layout) or its state file.
     pub dir: PathBuf,
+    /// The leaf's state file.
+    pub state_path: PathBuf,
+    /// The leaf's memory file.
+    pub memory_path: PathBuf,
 }
 
-/// Load the chain ending at `dir` (a full snapshot, or a diff with its parents beside it).
-/// `Lazy` maps the base's memory file copy-on-write and applies the diffs on top.
+/// Load the chain ending at `dir` (a full snapshot, or a diff with its parents where it says;
+/// a directory holding `state`, or a state file). `Lazy` maps the base's memory file
+/// copy-on-write and applies the diffs on top.
 ///
 /// # Errors
 /// [`MachineSnapshotError`] naming the file: not a machine snapshot, another backend or
 /// geometry, a broken chain, a corrupt extent (diffs; the base too when `Eager`).
 pub fn load(dir: &Path, mode: RestoreMode) -> Result<LoadedMachine, MachineSnapshotError> {
-    let chain = Chain::load(dir)?;
+    load_files(dir, None, mode)
+}
+
+/// [`load`], the leaf's memory file at `memory` when given (Firecracker's `mem_file_path`); it
+/// must still carry the leaf's id.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_files(
+    state: &Path,
+    memory: Option<&Path>,
+    mode: RestoreMode,
+) -> Result<LoadedMachine, MachineSnapshotError> {
+    let chain = Chain::load_with_memory(state, memory)?;
     chain.check_target(Some(BACKEND), Some(&PageGeometry::X86_64))?;
     let leaf = chain.leaf();
     let state = machine_state(&leaf.state, &leaf.state_path)?;
@@ -221,7 +259,9 @@ pub fn load(dir: &Path, mode: RestoreMode) -> Result<LoadedMachine, MachineSnaps
         state,
         memory: restored.memory,
         snapshot: restored.state,
-        dir: leaf.dir.clone(),
+        dir: leaf.path.clone(),
+        state_path: leaf.state_path.clone(),
+        memory_path: leaf.memory_path.clone(),
     })
 }
 

@@ -16,8 +16,8 @@ use squib_machine::{
 use squib_snapshot::report::error_chain;
 use squib_snapshot::snapshot::save::save_full;
 use squib_snapshot::snapshot::{
-    ChainWriter, DirectIo, LoadedSnapshot, ParentRef, RestoreMode, SavedSnapshot, SnapshotKind, SnapshotMeta,
-    merge, verify,
+    ChainWriter, DirectIo, LoadedSnapshot, ParentLink, Placement, RestoreMode, SavedSnapshot, SnapshotKind,
+    SnapshotMeta, merge, verify,
 };
 
 /// Generous: CPL0 code is emulated on nested hosts and CI machines are busy.
@@ -413,22 +413,22 @@ fn test_should_keep_pages_of_a_failed_diff_for_the_next_diff() {
     wait_for_counter(&machine, &capture, 1);
     machine.pause().expect("pause");
     let base_dir = dir.path().join("base");
-    let base = snapshot::save(&machine, Target::Full(&base_dir)).expect("full");
+    let base = snapshot::save(&machine, Target::Full(Placement::Dir(&base_dir))).expect("full");
     machine.resume();
     wait_for_user_work(&capture);
     machine.pause().expect("pause");
-    let parent = ParentRef {
+    let parent = ParentLink {
         id: base.id,
-        dir: "base".to_owned(),
+        state: base.state_path.clone(),
     };
     let nowhere = dir.path().join("missing").join("diff");
-    let err = snapshot::save(&machine, Target::Diff(&nowhere, parent.clone()))
+    let err = snapshot::save(&machine, Target::Diff(Placement::Dir(&nowhere), parent.clone()))
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing"), "{err}");
     // The guest has not run since: every page in this diff comes from the failed one.
     let retry = dir.path().join("retry");
-    snapshot::save(&machine, Target::Diff(&retry, parent)).expect("retry");
+    snapshot::save(&machine, Target::Diff(Placement::Dir(&retry), parent)).expect("retry");
     let extents = LoadedSnapshot::open(&retry).expect("open").state.extents;
     let work_region = GpaRange::new(0x40_0000, 1 << 20).expect("range");
     assert!(
@@ -446,7 +446,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
     let memory = new_memory(4 << 20).expect("memory");
     let plain = dir.path().join("plain");
     save_full(
-        &plain,
+        Placement::Dir(&plain),
         &memory,
         &SnapshotMeta::new(snapshot::BACKEND, PageGeometry::X86_64),
         &DirectIo,
@@ -459,7 +459,7 @@ fn test_should_refuse_a_kvm_snapshot_without_machine_state_naming_the_file() {
     );
     let soft = dir.path().join("soft");
     save_full(
-        &soft,
+        Placement::Dir(&soft),
         &memory,
         &SnapshotMeta::new("soft", PageGeometry::X86_64),
         &DirectIo,

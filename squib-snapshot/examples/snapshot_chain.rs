@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let full = chain.save(&mem, &[], &meta)?;
     println!(
         "{}: full, {} bytes, {:.1?}",
-        full.dir.display(),
+        full.path.display(),
         full.written_bytes,
         t.elapsed()
     );
@@ -58,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let saved = chain.save(&mem, &ranges, &meta)?;
         println!(
             "{}: diff, {} extents, {} bytes, {:.1?}",
-            saved.dir.display(),
+            saved.path.display(),
             saved.extents,
             saved.written_bytes,
             t.elapsed()

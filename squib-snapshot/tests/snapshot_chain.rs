@@ -162,12 +162,13 @@ fn test_should_leave_holes_for_zero_pages_in_a_full_snapshot() {
     let mut chain = ChainWriter::create(dir.path()).unwrap();
     let full = chain.save(&mem, &[], &meta()).unwrap();
     assert_eq!(
-        full.written_bytes, 0x1000,
-        "only the one non-zero page is written"
+        full.written_bytes,
+        0x1000 + 48,
+        "only the one non-zero page is written, and the identity trailer"
     );
     assert_eq!(full.extent_bytes, 6 << 20);
-    let md = std::fs::metadata(full.dir.join("memory")).unwrap();
-    assert_eq!(md.len(), 6 << 20);
+    let md = std::fs::metadata(full.path.join("memory")).unwrap();
+    assert_eq!(md.len(), (6 << 20) + 4096, "layout, then the identity trailer");
     // 6 MiB logical; a few KiB of data allocated (file systems without holes would allocate all).
     if md.blocks() * 512 < (1 << 20) {
         assert!(
@@ -178,7 +179,7 @@ fn test_should_leave_holes_for_zero_pages_in_a_full_snapshot() {
     } else {
         eprintln!("note: this file system does not keep holes");
     }
-    let restored = restore(&full.dir, RestoreMode::Eager).unwrap();
+    let restored = restore(&full.path, RestoreMode::Eager).unwrap();
     assert_eq!(contents(&restored.memory), contents(&mem));
 }
 
@@ -197,10 +198,10 @@ fn test_should_append_to_an_existing_chain_after_reopening_it() {
             &meta(),
         )
         .unwrap();
-    assert!(d.dir.ends_with("000003-diff"));
-    let loaded = Chain::load(&d.dir).unwrap();
+    assert!(d.path.ends_with("000003-diff"));
+    let loaded = Chain::load(&d.path).unwrap();
     assert_eq!(loaded.members.len(), 4);
-    let restored = restore(&d.dir, RestoreMode::Eager).unwrap();
+    let restored = restore(&d.path, RestoreMode::Eager).unwrap();
     let mut page = vec![0u8; 0x1000];
     restored
         .memory
@@ -239,14 +240,14 @@ fn long_chain(dir: &std::path::Path) -> (std::path::PathBuf, Vec<std::path::Path
     let mem = memory(&[region]);
     let meta = squib_snapshot::SnapshotMeta::new("soft", PageGeometry::X86_64);
     let mut chain = ChainWriter::create(dir).unwrap();
-    let mut members = vec![chain.save(&mem, &[], &meta).unwrap().dir];
+    let mut members = vec![chain.save(&mem, &[], &meta).unwrap().path];
     for i in 1..LONG_CHAIN {
         // Pages are rewritten as the chain goes round the region, so later diffs override
         // earlier ones: a member read out of order or skipped shows.
         let gpa = (i * 0x1000 * 7) % region.len();
         fill(&mem, gpa, 0x1000, u8::try_from(i % 251).unwrap());
         let range = squib_arch::GpaRange::new(gpa, 0x1000).unwrap();
-        members.push(chain.save(&mem, &[range], &meta).unwrap().dir);
+        members.push(chain.save(&mem, &[range], &meta).unwrap().path);
     }
     (members.last().unwrap().clone(), members, contents(&mem))
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use snapshot_support::{build_chain, copy_tree, listing, read_state, rewrite_state};
 use squib_arch::PageGeometry;
 use squib_snapshot::report::error_chain;
-use squib_snapshot::snapshot::format::MAX_STATE_FILE;
+use squib_snapshot::snapshot::format::{MAX_STATE_FILE, MemoryTrailer};
 use squib_snapshot::snapshot::restore::restore;
 use squib_snapshot::snapshot::{
     Chain, Extent, MEMORY_FILE, RestoreMode, STATE_FILE, SnapshotKind, merge, verify,
@@ -87,11 +87,11 @@ fn cases() -> Vec<Case> {
                     .write(true)
                     .open(&p)
                     .unwrap()
-                    .write_all_at(&2u32.to_le_bytes(), 8)
+                    .write_all_at(&3u32.to_le_bytes(), 8)
                     .unwrap();
                 p
             },
-            reason: "unsupported format version 2",
+            reason: "unsupported format version 3",
             lazy_sees_it: true,
         },
         Case {
@@ -177,7 +177,20 @@ fn cases() -> Vec<Case> {
         Case {
             name: "parent replaced by another snapshot",
             mutate: |m| {
+                // Another snapshot's pair of files: its state and a memory file carrying its id.
                 rewrite_state(&m[1], |s| s.id.0 ^= 1);
+                let s = read_state(&m[1]);
+                let p = m[1].join(MEMORY_FILE);
+                let trailer = MemoryTrailer {
+                    id: s.id,
+                    layout_bytes: s.layout_bytes(),
+                };
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .write_all_at(&trailer.encode(), s.layout_bytes())
+                    .unwrap();
                 m[2].join(STATE_FILE)
             },
             reason: "but the diff names id",
@@ -192,7 +205,7 @@ fn cases() -> Vec<Case> {
                     s.kind = SnapshotKind::Diff;
                     s.parent = Some(squib_snapshot::snapshot::ParentRef {
                         id: leaf.id,
-                        dir: name,
+                        state: format!("../{name}/state"),
                     });
                 });
                 m[2].join(STATE_FILE)
@@ -201,12 +214,65 @@ fn cases() -> Vec<Case> {
             lazy_sees_it: true,
         },
         Case {
-            name: "parent reference leaving the directory",
+            name: "parent path longer than the cap",
             mutate: |m| {
-                rewrite_state(&m[2], |s| s.parent.as_mut().unwrap().dir = "../../etc".into());
+                rewrite_state(&m[2], |s| s.parent.as_mut().unwrap().state = "a/".repeat(2049));
                 m[2].join(STATE_FILE)
             },
-            reason: "not a plain sibling directory name",
+            reason: "parent state file path",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory path holding a NUL",
+            mutate: |m| {
+                rewrite_state(&m[1], |s| s.memory = "mem\0ory".into());
+                m[1].join(STATE_FILE)
+            },
+            reason: "memory file path",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "parent path naming a file that is not a state file",
+            mutate: |m| {
+                rewrite_state(&m[2], |s| {
+                    s.parent.as_mut().unwrap().state = "../000000-full/memory".into();
+                });
+                m[0].join(MEMORY_FILE)
+            },
+            reason: "bad magic",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory path naming a missing file",
+            mutate: |m| {
+                rewrite_state(&m[2], |s| s.memory = "/nonexistent/squib/memory".into());
+                PathBuf::from("/nonexistent/squib/memory")
+            },
+            reason: "is missing",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory files of two snapshots swapped",
+            mutate: |m| {
+                let (a, b) = (m[1].join(MEMORY_FILE), m[2].join(MEMORY_FILE));
+                let tmp = m[1].join("swap");
+                std::fs::rename(&a, &tmp).unwrap();
+                std::fs::rename(&b, &a).unwrap();
+                std::fs::rename(&tmp, &b).unwrap();
+                b
+            },
+            reason: "memory file holds snapshot",
+            lazy_sees_it: true,
+        },
+        Case {
+            name: "memory file identity trailer damaged",
+            mutate: |m| {
+                let p = m[0].join(MEMORY_FILE);
+                let len = std::fs::metadata(&p).unwrap().len();
+                flip(&p, len - 4096 + 20, 0x04);
+                p
+            },
+            reason: "identity trailer",
             lazy_sees_it: true,
         },
         Case {

@@ -63,15 +63,15 @@ fn test_should_keep_the_previous_snapshot_intact_when_a_diff_save_fails() {
     let ranges = [GpaRange::new(0x4000, 0x1000).unwrap()];
     chain.save(&mem, &ranges, &meta()).unwrap_err();
     assert_eq!(listing(dir.path()), before);
-    assert_eq!(chain.leaf(), Some(full.dir.clone()));
-    let restored = restore(&full.dir, RestoreMode::Eager).unwrap();
+    assert_eq!(chain.leaf(), Some(full.path.clone()));
+    let restored = restore(&full.path, RestoreMode::Eager).unwrap();
     assert_eq!(contents(&restored.memory), at_full);
     // Space again: the next diff takes the failed one's place in the sequence.
     io.budget.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
     let d = chain.save(&mem, &ranges, &meta()).unwrap();
-    assert!(d.dir.ends_with("000001-diff"), "{}", d.dir.display());
+    assert!(d.path.ends_with("000001-diff"), "{}", d.path.display());
     assert_eq!(
-        contents(&restore(&d.dir, RestoreMode::Eager).unwrap().memory),
+        contents(&restore(&d.path, RestoreMode::Eager).unwrap().memory),
         contents(&mem)
     );
 }
@@ -130,10 +130,14 @@ fn test_should_refuse_to_overwrite_an_existing_snapshot_directory() {
     assert!(err.contains("already holds snapshot 000000-full"), "{err}");
     let dest = dir.path().join("x");
     std::fs::create_dir(&dest).unwrap();
-    let err =
-        squib_snapshot::snapshot::save::save_full(&dest, &mem, &meta(), &squib_snapshot::snapshot::DirectIo)
-            .unwrap_err()
-            .to_string();
+    let err = squib_snapshot::snapshot::save::save_full(
+        squib_snapshot::snapshot::Placement::Dir(&dest),
+        &mem,
+        &meta(),
+        &squib_snapshot::snapshot::DirectIo,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("destination already exists"), "{err}");
 }
 
@@ -201,8 +205,9 @@ fn test_should_fail_cleanly_and_succeed_exactly_on_the_two_thread_path() {
     let dir = tempfile::tempdir().unwrap();
     let mut chain = ChainWriter::create(dir.path()).unwrap();
     let full = chain.save(&mem, &[], &meta()).unwrap();
-    assert_eq!(full.written_bytes, u64::try_from(total).unwrap() - (1 << 20));
-    let restored = restore(&full.dir, RestoreMode::Eager).unwrap();
+    // Everything but the zero hole, and the 48 bytes of the identity trailer.
+    assert_eq!(full.written_bytes, u64::try_from(total).unwrap() - (1 << 20) + 48);
+    let restored = restore(&full.path, RestoreMode::Eager).unwrap();
     assert_eq!(contents(&restored.memory), contents(&mem));
 }
 
@@ -254,13 +259,19 @@ fn test_should_save_where_rename_noreplace_is_unsupported() {
     fill_all(&mem, 4);
     let io = no_rename_flag(|_: &std::path::Path| {});
     let dest = dir.path().join("snap");
-    let saved = squib_snapshot::snapshot::save::save_full(&dest, &mem, &meta(), &io).unwrap();
+    let saved = squib_snapshot::snapshot::save::save_full(
+        squib_snapshot::snapshot::Placement::Dir(&dest),
+        &mem,
+        &meta(),
+        &io,
+    )
+    .unwrap();
     assert_eq!(
         io.calls.load(std::sync::atomic::Ordering::SeqCst),
         1,
         "the flag was tried first"
     );
-    assert_eq!(saved.dir, dest);
+    assert_eq!(saved.path, dest);
     assert_eq!(
         contents(&restore(&dest, RestoreMode::Eager).unwrap().memory),
         contents(&mem)
@@ -277,7 +288,7 @@ fn test_should_save_where_rename_noreplace_is_unsupported() {
         .save(&mem, &[GpaRange::new(0x2000, 0x1000).unwrap()], &meta())
         .unwrap();
     assert_eq!(
-        contents(&restore(&leaf.dir, RestoreMode::Eager).unwrap().memory),
+        contents(&restore(&leaf.path, RestoreMode::Eager).unwrap().memory),
         contents(&mem)
     );
 }
@@ -294,10 +305,21 @@ fn test_should_never_replace_a_snapshot_that_appears_while_falling_back_to_a_pla
     // rename (which then finds the flag unsupported).
     let other = theirs.clone();
     let io = no_rename_flag(move |to: &std::path::Path| {
-        squib_snapshot::snapshot::save::save_full(to, &other, &meta(), &squib_snapshot::snapshot::DirectIo)
-            .unwrap();
+        squib_snapshot::snapshot::save::save_full(
+            squib_snapshot::snapshot::Placement::Dir(to),
+            &other,
+            &meta(),
+            &squib_snapshot::snapshot::DirectIo,
+        )
+        .unwrap();
     });
-    let err = squib_snapshot::snapshot::save::save_full(&dest, &ours, &meta(), &io).unwrap_err();
+    let err = squib_snapshot::snapshot::save::save_full(
+        squib_snapshot::snapshot::Placement::Dir(&dest),
+        &ours,
+        &meta(),
+        &io,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, SnapshotError::DestinationExists { .. }),
         "{}",
@@ -410,13 +432,13 @@ fn test_should_remove_only_the_leftovers_of_a_killed_save() {
         assert!(dir.path().join(f).exists(), "{f} was removed");
     }
     assert_eq!(
-        contents(&restore(&saved.dir, RestoreMode::Eager).unwrap().memory),
+        contents(&restore(&saved.path, RestoreMode::Eager).unwrap().memory),
         contents(&mem)
     );
     // A single save elsewhere sweeps too.
     std::fs::create_dir(dir.path().join(format!(".x.squib-tmp-{pid}-7@{host}"))).unwrap();
     squib_snapshot::snapshot::save::save_full(
-        &dir.path().join("single"),
+        squib_snapshot::snapshot::Placement::Dir(&dir.path().join("single")),
         &mem,
         &meta(),
         &squib_snapshot::snapshot::DirectIo,

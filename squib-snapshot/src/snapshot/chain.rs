@@ -1,9 +1,9 @@
 //! Writing chains (what a run loop calls at each checkpoint) and squashing them (merge).
 //!
 //! Why sibling directories with numbered names: `ls` shows a chain in order (`000000-full`,
-//! `000001-diff`, ...), and a diff names its parent by the sibling's directory name plus its id,
-//! never by an absolute path, so a chain keeps working after the whole directory is moved or
-//! copied; the id catches a sibling that was replaced by another snapshot.
+//! `000001-diff`, ...), and a diff records its parent's state file relative to its own
+//! (`../000000-full/state`) plus its id, so a chain keeps working after the whole directory is
+//! moved or copied; the id catches a sibling that was replaced by another snapshot.
 
 use std::path::{Path, PathBuf};
 
@@ -11,12 +11,12 @@ use squib_arch::GpaRange;
 use vm_memory::GuestMemoryMmap;
 use vm_memory::bitmap::AtomicBitmap;
 
-use super::format::{ParentRef, SnapshotId, SnapshotKind};
+use super::format::{SnapshotId, SnapshotKind};
 use super::io::{DirectIo, SnapshotIo};
 use super::load::{Chain, LoadedSnapshot};
 use super::restore::{RestoreMode, bytes_to_read, restore_chain_with};
-use super::save::{self, SavedSnapshot, SnapshotMeta};
-use super::{Progress, SnapshotError};
+use super::save::{self, ParentLink, SavedSnapshot, SnapshotMeta};
+use super::{Progress, STATE_FILE, SnapshotError};
 
 /// Appends snapshots to a chain directory: the first full, later ones diffs of the one before.
 ///
@@ -36,7 +36,7 @@ use super::{Progress, SnapshotError};
 /// mem.write_slice(b"hello", GuestAddress(0x3000)).unwrap();
 /// let ranges = [GpaRange::new(0x3000, 0x1000).unwrap()];
 /// let diff = chain.save(&mem, &ranges, &meta).unwrap(); // then: diffs
-/// assert!(diff.dir.ends_with("000001-diff"));
+/// assert!(diff.path.ends_with("000001-diff"));
 /// ```
 #[derive(Debug)]
 pub struct ChainWriter {
@@ -147,7 +147,7 @@ impl ChainWriter {
         meta: &SnapshotMeta,
     ) -> Result<SavedSnapshot, SnapshotError> {
         let (dest, name) = self.dest(SnapshotKind::Full);
-        let saved = save::write_full(&dest, mem, meta, self.io.as_ref(), &mut |_| {})?;
+        let saved = save::write_full(dest.as_path().into(), mem, meta, self.io.as_ref(), &mut |_| {})?;
         self.next += 1;
         self.last = Some((saved.id, name));
         Ok(saved)
@@ -170,11 +170,18 @@ impl ChainWriter {
             });
         };
         let (dest, name) = self.dest(SnapshotKind::Diff);
-        let parent = ParentRef {
+        let parent = ParentLink {
             id: parent_id,
-            dir: parent_name,
+            state: self.dir.join(parent_name).join(STATE_FILE),
         };
-        let saved = save::write_diff(&dest, parent, mem, ranges, meta, self.io.as_ref())?;
+        let saved = save::write_diff(
+            dest.as_path().into(),
+            &parent,
+            mem,
+            ranges,
+            meta,
+            self.io.as_ref(),
+        )?;
         self.next += 1;
         self.last = Some((saved.id, name));
         Ok(saved)
@@ -246,7 +253,7 @@ pub fn merge_chain(
                 path: d.clone(),
                 reason: format!(
                     "is not a member of the chain ending at {}",
-                    chain.leaf().dir.display()
+                    chain.leaf().path.display()
                 ),
             });
         }
@@ -258,5 +265,5 @@ pub fn merge_chain(
         vcpus: restored.state.vcpus.clone(),
         devices: restored.state.devices.clone(),
     };
-    save::save_full_with(out, &restored.memory, &meta, &DirectIo, progress)
+    save::save_full_with(out.into(), &restored.memory, &meta, &DirectIo, progress)
 }

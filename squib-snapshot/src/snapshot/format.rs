@@ -18,8 +18,10 @@ use squib_arch::{GpaRange, PageGeometry};
 
 /// First eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"SQUIBSNP";
-/// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes and the only one it reads. Version 1 (a snapshot was a
+/// directory, its parent a sibling directory name, its memory file bare guest memory) is refused
+/// with a message saying so.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 32;
 /// The largest state file accepted on load (header + body).
@@ -28,8 +30,17 @@ pub const MAX_STATE_FILE: u64 = 64 << 20;
 pub const MAX_REGIONS: usize = 1024;
 /// Longest backend name accepted.
 pub const MAX_BACKEND_NAME: usize = 64;
-/// Longest parent directory reference accepted.
-pub const MAX_PARENT_NAME: usize = 255;
+/// Longest recorded path (the memory file, the parent's state file) accepted, in bytes.
+pub const MAX_RECORDED_PATH: usize = 4096;
+/// First eight bytes of a memory file's identity trailer.
+pub const MEMORY_MAGIC: [u8; 8] = *b"SQUIBMEM";
+/// The trailer's own version.
+pub const MEMORY_TRAILER_VERSION: u32 = 1;
+/// Bytes the identity trailer occupies at the end of a memory file (one page, so the file stays a
+/// whole number of pages; only the first [`MEMORY_TRAILER_USED`] bytes carry data).
+pub const MEMORY_TRAILER_LEN: u64 = 4096;
+/// Bytes of the trailer that carry data: magic, version, reserved, id, layout size, CRC-64.
+pub const MEMORY_TRAILER_USED: usize = 48;
 
 /// The CRC-64 used over the body (CRC-64/XZ, the one `xz` uses).
 pub const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
@@ -47,7 +58,7 @@ pub enum FormatError {
     #[error("not a squib state file (bad magic)")]
     BadMagic,
     /// A version this build does not read.
-    #[error("unsupported format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported format version {found} (this build reads version {FORMAT_VERSION}){}", version_hint(*found))]
     UnsupportedVersion {
         /// Version in the file.
         found: u32,
@@ -91,6 +102,18 @@ pub enum FormatError {
     /// The body decodes but breaks a rule.
     #[error("invalid state: {0}")]
     Invalid(String),
+    /// A memory file's identity trailer is not one squib wrote.
+    #[error("no squib memory identity in the last {MEMORY_TRAILER_LEN} bytes ({0})")]
+    Trailer(&'static str),
+}
+
+fn version_hint(found: u32) -> &'static str {
+    if found == 1 {
+        ": version 1 was written by a squib that kept both files in one directory without \
+         recording where they are; take the snapshot again with this build"
+    } else {
+        ""
+    }
 }
 
 /// A snapshot's identity: 128 random-looking bits, fixed at save time.
@@ -123,14 +146,16 @@ impl SnapshotKind {
     }
 }
 
-/// How a diff names its parent: the parent's id, and the parent's directory name relative to the
-/// diff's own parent directory (a sibling), so a chain survives moving or copying its directory.
+/// How a diff names its parent: the parent's id, and where the parent's state file is. The path
+/// is relative to the directory holding the diff's state file when the two are near each other
+/// (same directory, or sibling directories), so a chain survives being moved or copied whole;
+/// otherwise it is absolute. The id catches a parent that was replaced by another snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentRef {
     /// The parent's id (checked on load).
     pub id: SnapshotId,
-    /// The parent's directory name: one plain path component, a sibling of the diff's directory.
-    pub dir: String,
+    /// The parent's state file: relative to the directory holding this state file, or absolute.
+    pub state: String,
 }
 
 /// One guest memory region and where its bytes live in the memory file.
@@ -173,6 +198,9 @@ pub struct SnapshotState {
     pub kind: SnapshotKind,
     /// The parent, for a diff (never for a full snapshot).
     pub parent: Option<ParentRef>,
+    /// The memory file: relative to the directory holding this state file, or absolute. Its
+    /// identity trailer must carry this snapshot's id.
+    pub memory: String,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
     /// The backend that took it (`"soft"`, `"kvm"`, `"hvf"`, ...).
@@ -199,7 +227,13 @@ impl SnapshotState {
     /// Bytes the extents hold.
     #[must_use]
     pub fn extent_bytes(&self) -> u64 {
-        self.extents.iter().map(|e| e.len).sum()
+        self.extents.iter().fold(0u64, |a, e| a.saturating_add(e.len))
+    }
+
+    /// Length of the memory file: the layout's bytes, then the identity trailer.
+    #[must_use]
+    pub fn memory_file_len(&self) -> u64 {
+        self.layout_bytes().saturating_add(MEMORY_TRAILER_LEN)
     }
 
     /// The region holding all of `[gpa, gpa + len)`, if one does.
@@ -242,13 +276,14 @@ impl SnapshotState {
             (SnapshotKind::Full, Some(_)) => return bad("a full snapshot has a parent".into()),
             (SnapshotKind::Diff, None) => return bad("a diff snapshot has no parent".into()),
             (SnapshotKind::Diff, Some(p)) => {
-                validate_parent_name(&p.dir)?;
+                validate_recorded_path("parent state file", &p.state)?;
                 if p.id == self.id {
                     return bad(format!("snapshot {} names itself as parent", self.id));
                 }
             }
             (SnapshotKind::Full, None) => {}
         }
+        validate_recorded_path("memory file", &self.memory)?;
         if self.layout.is_empty() {
             return bad("the memory layout has no regions".into());
         }
@@ -316,16 +351,14 @@ impl SnapshotState {
             }
             prev = Some(range);
         }
-        if self.kind == SnapshotKind::Full {
-            let covers = self.extents.len() == self.layout.len()
-                && self
-                    .extents
-                    .iter()
-                    .zip(&self.layout)
-                    .all(|(e, r)| e.gpa == r.gpa && e.len == r.len);
-            if !covers {
-                return bad("a full snapshot's extents must be exactly its regions".into());
-            }
+        // Extents are inside the layout and do not overlap, so covering as many bytes as the
+        // layout means covering all of it.
+        if self.kind == SnapshotKind::Full && self.extent_bytes() != self.layout_bytes() {
+            return bad(format!(
+                "a full snapshot's extents must cover exactly its regions ({:#x} of {:#x} bytes)",
+                self.extent_bytes(),
+                self.layout_bytes()
+            ));
         }
         Ok(())
     }
@@ -419,20 +452,87 @@ impl SnapshotState {
     }
 }
 
-/// A parent reference must be one plain directory name: no separators, not `.` or `..`, so a
-/// hostile file cannot point a chain outside the directory holding it.
-fn validate_parent_name(name: &str) -> Result<(), FormatError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_PARENT_NAME
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', '\0']);
-    if ok {
-        Ok(())
-    } else {
-        Err(FormatError::Invalid(format!(
-            "parent reference {name:?} is not a plain sibling directory name"
-        )))
+/// A recorded path (the memory file, the parent's state file) is input like any other byte: it
+/// must be non-empty, at most [`MAX_RECORDED_PATH`] bytes, and free of NUL (which no path can
+/// hold). It may point anywhere, as the user's own paths may; what is found there is checked
+/// (a regular file, the right id) before it is used.
+fn validate_recorded_path(what: &str, path: &str) -> Result<(), FormatError> {
+    if path.is_empty() || path.len() > MAX_RECORDED_PATH || path.contains('\0') {
+        return Err(FormatError::Invalid(format!(
+            "{what} path {:?} is empty, longer than {MAX_RECORDED_PATH} bytes or holds a NUL",
+            path.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// The identity trailer at the end of every memory file: which snapshot's memory the file holds.
+///
+/// Why a trailer: a lazy load maps the memory file without reading it, so checksums cannot tell
+/// it whether the file is the one its state file describes. The trailer can, with one small
+/// read: a swapped file, or a base memory file that an in-place merge has since overwritten (its
+/// trailer now carries the merge's id), is refused by name before anything is mapped. It sits
+/// after the guest's bytes, so regions keep their offsets and the file maps as Firecracker's
+/// does.
+///
+/// Bytes (little-endian): magic `SQUIBMEM`, `u32` trailer version 1, `u32` reserved 0, `u128`
+/// snapshot id, `u64` layout size, `u64` CRC-64/XZ of the 40 bytes before it; the rest of the
+/// page is zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryTrailer {
+    /// The snapshot whose memory the file holds.
+    pub id: SnapshotId,
+    /// The layout size the file was written for (the trailer's own offset).
+    pub layout_bytes: u64,
+}
+
+impl MemoryTrailer {
+    /// The trailer's bytes.
+    #[must_use]
+    pub fn encode(&self) -> [u8; MEMORY_TRAILER_USED] {
+        let mut out = [0u8; MEMORY_TRAILER_USED];
+        out[..8].copy_from_slice(&MEMORY_MAGIC);
+        out[8..12].copy_from_slice(&MEMORY_TRAILER_VERSION.to_le_bytes());
+        out[16..32].copy_from_slice(&self.id.0.to_le_bytes());
+        out[32..40].copy_from_slice(&self.layout_bytes.to_le_bytes());
+        let crc = CRC64.checksum(&out[..40]);
+        out[40..48].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decode a trailer's first [`MEMORY_TRAILER_USED`] bytes.
+    ///
+    /// # Errors
+    /// [`FormatError::Trailer`] saying what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        let b = bytes
+            .get(..MEMORY_TRAILER_USED)
+            .ok_or(FormatError::Trailer("too short"))?;
+        if b[..8] != MEMORY_MAGIC {
+            return Err(FormatError::Trailer("bad magic"));
+        }
+        let mut crc = [0u8; 8];
+        crc.copy_from_slice(&b[40..48]);
+        if CRC64.checksum(&b[..40]) != u64::from_le_bytes(crc) {
+            return Err(FormatError::Trailer("CRC-64 mismatch"));
+        }
+        let mut word = [0u8; 4];
+        word.copy_from_slice(&b[8..12]);
+        if u32::from_le_bytes(word) != MEMORY_TRAILER_VERSION {
+            return Err(FormatError::Trailer("unsupported trailer version"));
+        }
+        word.copy_from_slice(&b[12..16]);
+        if u32::from_le_bytes(word) != 0 {
+            return Err(FormatError::Trailer("reserved field is not zero"));
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[16..32]);
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&b[32..40]);
+        Ok(Self {
+            id: SnapshotId(u128::from_le_bytes(id)),
+            layout_bytes: u64::from_le_bytes(len),
+        })
     }
 }
 
@@ -446,8 +546,9 @@ mod tests {
             kind: SnapshotKind::Diff,
             parent: Some(ParentRef {
                 id: SnapshotId(6),
-                dir: "000000-full".into(),
+                state: "../000000-full/state".into(),
             }),
+            memory: "memory".into(),
             created_unix_ms: 1,
             backend: "soft".into(),
             geometry: PageGeometry::X86_64,
@@ -490,10 +591,58 @@ mod tests {
     }
 
     #[test]
-    fn test_should_refuse_a_parent_reference_that_leaves_the_directory() {
+    fn test_should_refuse_a_recorded_path_that_is_empty_too_long_or_holds_a_nul() {
+        for bad in [
+            String::new(),
+            "a".repeat(MAX_RECORDED_PATH + 1),
+            "mem\0ory".into(),
+        ] {
+            let mut s = state();
+            s.memory.clone_from(&bad);
+            assert!(
+                matches!(s.encode(), Err(FormatError::Invalid(m)) if m.contains("memory file path")),
+                "{bad:?}"
+            );
+            let mut s = state();
+            s.parent.as_mut().unwrap().state.clone_from(&bad);
+            assert!(
+                matches!(s.encode(), Err(FormatError::Invalid(m)) if m.contains("parent state file path")),
+                "{bad:?}"
+            );
+        }
         let mut s = state();
-        s.parent.as_mut().unwrap().dir = "../elsewhere".into();
-        assert!(matches!(s.encode(), Err(FormatError::Invalid(m)) if m.contains("sibling")));
+        s.memory = "/".to_owned() + &"a".repeat(MAX_RECORDED_PATH - 1);
+        s.parent.as_mut().unwrap().state = "../../elsewhere/x.state".into();
+        assert_eq!(SnapshotState::decode(&s.encode().unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn test_should_refuse_a_version_1_state_file_saying_what_wrote_it() {
+        let mut bytes = state().encode().unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let err = SnapshotState::decode(&bytes).unwrap_err();
+        assert_eq!(err, FormatError::UnsupportedVersion { found: 1 });
+        assert!(err.to_string().contains("take the snapshot again"), "{err}");
+    }
+
+    #[test]
+    fn test_should_round_trip_a_memory_trailer_and_refuse_any_flipped_bit() {
+        let t = MemoryTrailer {
+            id: SnapshotId(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+            layout_bytes: 512 << 20,
+        };
+        let bytes = t.encode();
+        assert_eq!(&bytes[..8], b"SQUIBMEM");
+        assert_eq!(MemoryTrailer::decode(&bytes).unwrap(), t);
+        for bit in 0..MEMORY_TRAILER_USED * 8 {
+            let mut b = bytes;
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(MemoryTrailer::decode(&b).is_err(), "bit {bit}");
+        }
+        assert_eq!(
+            MemoryTrailer::decode(&bytes[..47]),
+            Err(FormatError::Trailer("too short"))
+        );
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! hands them to a writer closure; everything about *how* they persist — formats, atomicity,
 //! validation of hostile files — lives here and never touches tracking state. A failed save
 //! returns an error, the tracker folds its drained units back, and nothing at the destination has
-//! changed, because a snapshot directory only appears by one `rename` after everything in it has
-//! been written and synced.
+//! changed: a snapshot directory only appears by one `rename` after everything in it has been
+//! written and synced, and two files anywhere become loadable only when the state file, written
+//! after the memory file is durable, is complete (see [`save`]).
 //!
-//! Why every loader validates everything first: a snapshot directory is input from disk, maybe
-//! from another machine. Every count, offset and length in a state file is checked against the
+//! Why every loader validates everything first: a snapshot is input from disk, maybe from another
+//! machine, and its state file names other files (its memory, its parent) that may have moved,
+//! been swapped or been overwritten since. Every count, offset and length in a state file is checked against the
 //! layout (and the memory file's real length) before any guest memory is allocated or written,
 //! and every extent's bytes are checked against their xxh3 as they are read.
 //!
@@ -31,14 +33,15 @@ pub use format::{
     Extent, FormatError, ParentRef, RegionLayout, Section, SnapshotId, SnapshotKind, SnapshotState,
 };
 pub use io::{DirectIo, SnapshotIo};
-pub use load::{Chain, LoadedSnapshot, MemoryFile};
+pub use load::{Chain, LoadedSnapshot, MemoryFile, state_file_of};
 pub use restore::{RestoreMode, Restored};
-pub use save::{SavedSnapshot, SnapshotMeta};
+pub use save::{ParentLink, Placement, SavedSnapshot, SnapshotMeta, merge_in_place};
 pub use verify::{VerifyReport, verify};
 
-/// Name of the state file inside a snapshot directory.
+/// Name of the state file inside a snapshot directory (squib's layout; a snapshot's state file
+/// may have any name elsewhere).
 pub const STATE_FILE: &str = "state";
-/// Name of the memory file inside a snapshot directory.
+/// Name of the memory file inside a snapshot directory (squib's layout).
 pub const MEMORY_FILE: &str = "memory";
 /// A progress hook for long work (restore, merge): called with the bytes each step processed.
 pub type Progress<'a> = dyn FnMut(u64) + 'a;
@@ -94,6 +97,49 @@ pub enum SnapshotError {
         actual: u64,
         /// Shorter or longer.
         reason: &'static str,
+    },
+    /// The memory file a state file names does not exist.
+    #[error("{path}: memory file of {state} is missing")]
+    MissingMemory {
+        /// Where the memory file should be.
+        path: PathBuf,
+        /// The state file naming it.
+        state: PathBuf,
+    },
+    /// A memory file holds another snapshot's memory (swapped, or overwritten by an in-place
+    /// merge since).
+    #[error(
+        "{path}: memory file holds snapshot {found}, but {state} is snapshot {expected} (the file was swapped, or an in-place merge has overwritten it since)"
+    )]
+    MemoryMismatch {
+        /// The memory file.
+        path: PathBuf,
+        /// The state file that named it.
+        state: PathBuf,
+        /// The id its trailer carries.
+        found: SnapshotId,
+        /// The id of the state file.
+        expected: SnapshotId,
+    },
+    /// A memory file's identity trailer is missing or damaged.
+    #[error("{path}: not a squib memory file (identity trailer at offset {offset:#x})")]
+    BadMemoryIdentity {
+        /// The memory file.
+        path: PathBuf,
+        /// Where the trailer should start.
+        offset: u64,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// An in-place merge failed after it had started changing the base's memory file.
+    #[error(
+        "{path}: in-place merge failed after the memory file was changed; the snapshot it held can no longer be loaded (take a full snapshot)"
+    )]
+    InPlaceMerge {
+        /// The memory file.
+        path: PathBuf,
+        /// What failed.
+        source: Box<SnapshotError>,
     },
     /// An extent lies past the end of the memory file.
     #[error(

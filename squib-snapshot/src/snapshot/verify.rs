@@ -12,7 +12,7 @@ use super::load::Chain;
 /// What `verify` found.
 #[derive(Debug, Default)]
 pub struct VerifyReport {
-    /// The chain's directories, base first.
+    /// The chain's snapshots (directories or state files), base first.
     pub chain: Vec<PathBuf>,
     /// Extents whose bytes were hashed.
     pub extents_checked: u64,
@@ -39,7 +39,7 @@ impl VerifyReport {
 pub fn verify(dir: &Path) -> Result<VerifyReport, SnapshotError> {
     let chain = Chain::load(dir)?;
     let mut report = VerifyReport {
-        chain: chain.members.iter().map(|m| m.dir.clone()).collect(),
+        chain: chain.members.iter().map(|m| m.path.clone()).collect(),
         ..VerifyReport::default()
     };
     let mut buf = Vec::new();

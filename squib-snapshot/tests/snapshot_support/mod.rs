@@ -93,7 +93,7 @@ pub fn build_chain(dir: &Path) -> (Vec<PathBuf>, Vec<u8>) {
             &meta,
         )
         .unwrap();
-    (vec![full.dir, d1.dir, d2.dir], contents(&mem))
+    (vec![full.path, d1.path, d2.path], contents(&mem))
 }
 
 pub fn read_state(dir: &Path) -> SnapshotState {

@@ -27,21 +27,28 @@
 //! `Paused` with a `failure` field, and every request that would run or save
 //! the guest says why it cannot.
 //!
-//! # Snapshot paths: Firecracker's two files, squib's one directory
+//! # Snapshot paths: Firecracker's two files anywhere
 //!
 //! squib writes one snapshot format everywhere (`specs/17-snapshot-files.md`):
-//! a directory holding `state` and `memory`, which appears atomically. The
-//! API keeps Firecracker's body fields and maps them onto it:
+//! a state file that records where its memory file and its parent's state
+//! file are, and a memory file carrying the snapshot's id. The API takes
+//! Firecracker's fields as Firecracker does:
 //!
-//! - `snapshot_path` names the snapshot directory, or the `state` file inside
-//!   it (`DIR/state` means `DIR`). On create, `DIR` must not exist.
-//! - `mem_file_path` (or `mem_backend.backend_path` with `backend_type`
-//!   `File`), when given, must be `DIR/memory`: squib keeps a snapshot's files
-//!   together so that a diff can name its parent and a chain can be moved.
+//! - `snapshot_path` is the state file and `mem_file_path` the memory file,
+//!   each any path (relative paths are taken from this process's working
+//!   directory). A file already at either path is replaced, atomically.
+//!   Without `mem_file_path`, or with `DIR/state` and `DIR/memory` for a `DIR`
+//!   that does not exist yet, the snapshot is squib's directory `DIR`, which
+//!   appears atomically.
 //! - A `Diff` is a diff of the last snapshot this process created or loaded,
-//!   and must be created in the same parent directory as that snapshot (it
-//!   names its parent by sibling directory name and id). Loading a diff loads
-//!   its chain: the base mapped copy-on-write, the diffs applied on top.
+//!   and records where that snapshot's state file is. Naming that snapshot's
+//!   memory file as `mem_file_path` merges the diff into it in place (it must
+//!   be a full snapshot): the result is a full snapshot at `snapshot_path`,
+//!   and the old state file no longer loads (refused by name).
+//! - Loading a diff loads its chain: the base mapped copy-on-write, the diffs
+//!   applied on top. `mem_file_path` (or `mem_backend.backend_path` with
+//!   `backend_type` `File`) names the leaf's memory file; without it the one
+//!   its state file records is used.
 //! - `mem_backend` `Uffd`: `backend_path` is a page-fault handler's socket; the
 //!   full snapshot's memory is whatever that handler serves
 //!   ([`squib_machine::uffd`]).
@@ -56,7 +63,11 @@ use squib_machine::snapshot::{self, Target};
 use squib_machine::uffd::{HANDSHAKE_TIMEOUT, UffdMemory};
 use squib_machine::{Console, Machine, MachineConfig, RestoreOptions};
 use squib_snapshot::report::{ErrorChain, error_chain};
-use squib_snapshot::snapshot::{MEMORY_FILE, ParentRef, RestoreMode, STATE_FILE, SnapshotId};
+use squib_snapshot::snapshot::load::resolve_recorded;
+use squib_snapshot::snapshot::{
+    LoadedSnapshot, MEMORY_FILE, ParentLink, Placement, RestoreMode, STATE_FILE, SnapshotId, SnapshotKind,
+    state_file_of,
+};
 
 use super::http::{Request, Response};
 use super::metrics::{Latencies, Metrics, MetricsConfig, Op};
@@ -248,7 +259,7 @@ pub struct Vmm {
     /// `PUT /serial`: where the console is also written.
     serial_out: Option<PathBuf>,
     /// The newest snapshot of this guest (created or loaded): what a diff chains to.
-    last_snapshot: Option<(PathBuf, SnapshotId)>,
+    last_snapshot: Option<LastSnapshot>,
     /// A boot-specific resource was configured: a load is no longer allowed.
     boot_configured: bool,
     latencies: Latencies,
@@ -259,6 +270,35 @@ pub struct Vmm {
     failed: Option<String>,
     /// Set by a handler that succeeded at a timed operation: which, and its time in the VMM.
     timed: Option<(Op, Duration)>,
+}
+
+/// The snapshot a diff follows: where its files are (absolute), its id, whether it is full, and
+/// (once a diff has been merged into it) its loaded state, kept so that the next in-place merge
+/// need not read the state file back.
+#[derive(Debug)]
+struct LastSnapshot {
+    state: PathBuf,
+    memory: PathBuf,
+    id: SnapshotId,
+    full: bool,
+    loaded: Option<LoadedSnapshot>,
+}
+
+impl LastSnapshot {
+    fn new(state: &Path, memory: &Path, id: SnapshotId, kind: SnapshotKind) -> Self {
+        Self {
+            state: absolute(state),
+            memory: absolute(memory),
+            id,
+            full: kind == SnapshotKind::Full,
+            loaded: None,
+        }
+    }
+}
+
+/// `path` made absolute against this process's working directory (as given when that fails).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl std::fmt::Debug for Vmm {
@@ -762,7 +802,13 @@ impl Vmm {
     fn snapshot_create(&mut self, req: &Request) -> Reply {
         let b: SnapshotCreateBody = body(req)?;
         let _ = b.version; // Firecracker's deprecated field: accepted, unused.
-        let machine = self.running("PUT /snapshot/create")?;
+        // `running` checks the guest (started, not failed); the machine is then borrowed as a
+        // field, apart from the last snapshot, which is borrowed mutably below.
+        self.running("PUT /snapshot/create")?;
+        let machine = self
+            .machine
+            .as_ref()
+            .ok_or_else(|| bad("PUT /snapshot/create: no guest has been started or loaded"))?;
         let diff = match b.snapshot_type.as_deref().unwrap_or("Full") {
             "Full" => false,
             "Diff" if machine.tracks_dirty_pages() => true,
@@ -777,49 +823,51 @@ impl Vmm {
         if !machine.is_paused() {
             return Err(bad("PUT /snapshot/create: the guest must be paused (PATCH /vm)"));
         }
-        let dir = snapshot_dir(&b.snapshot_path, b.mem_file_path.as_deref())?;
+        let placement = create_placement(&b.snapshot_path, b.mem_file_path.as_deref())?;
+        let mut merged = false;
         let target = if diff {
-            let parent = self.diff_parent(&dir)?;
-            Target::Diff(&dir, parent)
+            let last = self.last_snapshot.as_mut().ok_or_else(|| {
+                bad("snapshot_type Diff: no earlier snapshot of this guest to chain to (create a Full first)")
+            })?;
+            match placement {
+                Placement::Files { state, memory } if memory.exists() => {
+                    merged = true;
+                    Target::MergeInPlace(state, merge_base(last, memory)?)
+                }
+                _ => Target::Diff(
+                    placement,
+                    ParentLink {
+                        id: last.id,
+                        state: last.state.clone(),
+                    },
+                ),
+            }
         } else {
-            Target::Full(&dir)
+            Target::Full(placement)
         };
         let t = Instant::now();
         let saved = snapshot::save(machine, target).map_err(|e| bad(error_chain(&e)))?;
         self.timed = Some((if diff { Op::DiffCreate } else { Op::FullCreate }, t.elapsed()));
-        self.last_snapshot = Some((dir, saved.id));
-        Ok(Response::no_content())
-    }
-
-    /// The parent reference of a diff at `dir`: the last snapshot, a sibling of `dir`.
-    fn diff_parent(&self, dir: &Path) -> Result<ParentRef, Response> {
-        let Some((last, id)) = &self.last_snapshot else {
-            return Err(bad(
-                "snapshot_type Diff: no earlier snapshot of this guest to chain to (create a Full first)",
-            ));
-        };
-        let parent_of = |p: &Path| {
-            p.parent().map(|d| {
-                std::fs::canonicalize(if d.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    d
-                })
-            })
-        };
-        let same = match (parent_of(dir), parent_of(last)) {
-            (Some(Ok(a)), Some(Ok(b))) => a == b,
-            _ => false,
-        };
-        let name = last.file_name().map(|n| n.to_string_lossy().into_owned());
-        match (same, name) {
-            (true, Some(name)) => Ok(ParentRef { id: *id, dir: name }),
-            _ => Err(bad(format!(
-                "snapshot_path {}: a Diff must be created beside its parent {} (same directory)",
-                dir.display(),
-                last.display()
-            ))),
+        match self.last_snapshot.as_mut() {
+            // The loaded base now describes the merge (same memory file, new state and id).
+            Some(last) if merged => {
+                last.state = absolute(&saved.state_path);
+                last.id = saved.id;
+                last.full = true;
+                if let Some(l) = last.loaded.as_mut() {
+                    l.state_path.clone_from(&last.state);
+                }
+            }
+            _ => {
+                self.last_snapshot = Some(LastSnapshot::new(
+                    &saved.state_path,
+                    &saved.memory_path,
+                    saved.id,
+                    saved.kind,
+                ));
+            }
         }
+        Ok(Response::no_content())
     }
 
     fn snapshot_load(&mut self, req: &Request) -> Reply {
@@ -870,7 +918,7 @@ impl Vmm {
             track_dirty_pages,
         };
         let t = Instant::now();
-        let (machine, dir, id, mem_size) = match (&b.mem_file_path, &b.mem_backend) {
+        let (machine, last, mem_size) = match (&b.mem_file_path, &b.mem_backend) {
             (Some(_), Some(_)) => {
                 return Err(bad(
                     "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
@@ -891,7 +939,7 @@ impl Vmm {
         self.config.vcpus = vcpus;
         self.config.mem_size = mem_size;
         self.config.track_dirty_pages = track_dirty_pages;
-        self.last_snapshot = Some((dir, id));
+        self.last_snapshot = Some(last);
         self.machine = Some(machine);
         self.last_metrics = Instant::now();
         Ok(Response::no_content())
@@ -903,15 +951,24 @@ impl Vmm {
         snapshot_path: &Path,
         mem_path: Option<&Path>,
         options: RestoreOptions,
-    ) -> Result<(Machine, PathBuf, SnapshotId, u64), Response> {
-        let dir = snapshot_dir(snapshot_path, mem_path)?;
-        let loaded = snapshot::load(&dir, RestoreMode::Lazy).map_err(|e| bad(error_chain(&e)))?;
+    ) -> Result<(Machine, LastSnapshot, u64), Response> {
+        if snapshot_path.as_os_str().is_empty() {
+            return Err(bad("snapshot_path: empty"));
+        }
+        let loaded = snapshot::load_files(snapshot_path, mem_path, RestoreMode::Lazy)
+            .map_err(|e| bad(error_chain(&e)))?;
         let console = self
             .new_console()
             .map_err(|e| bad(format!("opening the console: {e}")))?;
         let machine = Machine::restore(&loaded.state, loaded.memory, console, options)
             .map_err(|e| bad(format!("loading {}: {}", snapshot_path.display(), ErrorChain(&e))))?;
-        Ok((machine, loaded.dir, loaded.snapshot.id, loaded.state.mem_size))
+        let last = LastSnapshot::new(
+            &loaded.state_path,
+            &loaded.memory_path,
+            loaded.snapshot.id,
+            loaded.snapshot.kind,
+        );
+        Ok((machine, last, loaded.state.mem_size))
     }
 
     /// Load a full snapshot's state and hand its memory to the page-fault handler at `socket`.
@@ -920,9 +977,11 @@ impl Vmm {
         snapshot_path: &Path,
         socket: &Path,
         options: RestoreOptions,
-    ) -> Result<(Machine, PathBuf, SnapshotId, u64), Response> {
-        let dir = snapshot_dir(snapshot_path, None)?;
-        let state_path = dir.join(STATE_FILE);
+    ) -> Result<(Machine, LastSnapshot, u64), Response> {
+        if snapshot_path.as_os_str().is_empty() {
+            return Err(bad("snapshot_path: empty"));
+        }
+        let state_path = state_file_of(snapshot_path);
         let (state, snap) = snapshot::load_state(&state_path).map_err(|e| bad(error_chain(&e)))?;
         let memory = UffdMemory::new(&snap.layout).map_err(|e| bad(error_chain(&e)))?;
         let served = memory
@@ -933,30 +992,76 @@ impl Vmm {
             .map_err(|e| bad(format!("opening the console: {e}")))?;
         let machine = Machine::restore_served(&state, served, console, options)
             .map_err(|e| bad(format!("loading {}: {}", snapshot_path.display(), ErrorChain(&e))))?;
-        Ok((machine, dir, snap.id, state.mem_size))
+        // A diff taken later records this state file; its memory file is where the state file
+        // says (the handler's business meanwhile).
+        let memory = resolve_recorded(&state_path, &snap.memory);
+        let last = LastSnapshot::new(&state_path, &memory, snap.id, snap.kind);
+        Ok((machine, last, state.mem_size))
     }
 }
 
-/// The snapshot directory named by `snapshot_path` (the directory or its `state` file), after
-/// checking that `mem_path`, if given, is that directory's memory file.
-fn snapshot_dir(snapshot_path: &Path, mem_path: Option<&Path>) -> Result<PathBuf, Response> {
-    let dir = if snapshot_path.file_name().is_some_and(|n| n == STATE_FILE) {
-        snapshot_path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        snapshot_path.to_path_buf()
-    };
-    if dir.as_os_str().is_empty() {
+/// Where a create's files go. `snapshot_path` is the state file and `mem_file_path` the memory
+/// file, anywhere; without `mem_file_path` (squib's own use), or when the two are `DIR/state` and
+/// `DIR/memory` of a `DIR` that does not exist yet, the snapshot is the directory `DIR`, which
+/// appears atomically.
+fn create_placement<'a>(
+    snapshot_path: &'a Path,
+    mem_path: Option<&'a Path>,
+) -> Result<Placement<'a>, Response> {
+    if snapshot_path.as_os_str().is_empty() {
         return Err(bad("snapshot_path: empty"));
     }
-    if let Some(mem) = mem_path {
-        let expected = dir.join(MEMORY_FILE);
-        if mem != expected {
-            return Err(bad(format!(
-                "mem_file_path {}: squib keeps a snapshot's memory inside its directory; expected {}",
-                mem.display(),
-                expected.display()
-            )));
-        }
+    let named_state = snapshot_path.file_name().is_some_and(|n| n == STATE_FILE);
+    let dir = if named_state {
+        snapshot_path.parent().filter(|d| !d.as_os_str().is_empty())
+    } else {
+        None
+    };
+    match (mem_path, dir) {
+        (None, Some(dir)) => Ok(Placement::Dir(dir)),
+        (None, None) => Ok(Placement::Dir(snapshot_path)),
+        (Some(mem), Some(dir)) if mem == dir.join(MEMORY_FILE) && !dir.exists() => Ok(Placement::Dir(dir)),
+        (Some(memory), _) => Ok(Placement::Files {
+            state: snapshot_path,
+            memory,
+        }),
     }
-    Ok(dir)
+}
+
+/// The base a diff merges into when its `mem_file_path` names an existing file: that file must
+/// be the memory file of the snapshot the diff follows, and that snapshot full. Its state is
+/// read once and kept (the merge updates it).
+fn merge_base<'a>(last: &'a mut LastSnapshot, memory: &Path) -> Result<&'a mut LoadedSnapshot, Response> {
+    let same = match (std::fs::canonicalize(memory), std::fs::canonicalize(&last.memory)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same {
+        return Err(bad(format!(
+            "mem_file_path {}: exists and is not the memory file of the snapshot this diff follows ({}); \
+             name a new file, or {} to merge the diff into it",
+            memory.display(),
+            last.state.display(),
+            last.memory.display()
+        )));
+    }
+    if !last.full {
+        return Err(bad(format!(
+            "mem_file_path {}: is the memory file of the diff {}; a diff merges in place only into a full snapshot's memory file",
+            memory.display(),
+            last.state.display()
+        )));
+    }
+    let stale = last
+        .loaded
+        .as_ref()
+        .is_none_or(|l| l.state.id != last.id || l.state_path != last.state);
+    if stale {
+        let loaded = LoadedSnapshot::open_with_memory(&last.state, Some(&last.memory))
+            .map_err(|e| bad(error_chain(&e)))?;
+        last.loaded = Some(loaded);
+    }
+    last.loaded
+        .as_mut()
+        .ok_or_else(|| bad("internal: the merge base was not loaded"))
 }

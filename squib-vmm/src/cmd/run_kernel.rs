@@ -145,13 +145,13 @@ mod imp {
                 let took = t.elapsed();
                 eprintln!(
                     "squib: {} ({} {} KiB), guest paused {:.2?}, written in {took:.2?}",
-                    live.saved.dir.display(),
+                    live.saved.path.display(),
                     live.saved.kind.name(),
                     live.saved.extent_bytes >> 10,
                     live.paused
                 );
                 snapshots.push(serde_json::json!({
-                    "dir": live.saved.dir,
+                    "dir": live.saved.path,
                     "type": live.saved.kind.name(),
                     "extent_bytes": live.saved.extent_bytes,
                     "written_bytes": live.saved.written_bytes,

@@ -94,7 +94,7 @@ pub fn run(c: SnapshotCommand) -> CmdResult {
             eprintln!(
                 "merged {} into {} ({} bytes, {} written) in {:.1?}",
                 dirs.last().map(|d| d.display().to_string()).unwrap_or_default(),
-                saved.dir.display(),
+                saved.path.display(),
                 saved.extent_bytes,
                 saved.written_bytes,
                 started.elapsed()
@@ -161,10 +161,12 @@ fn inspect(dir: &std::path::Path, as_json: bool) -> CmdResult {
     let s = &snap.state;
     if as_json {
         let v = json!({
-            "dir": snap.dir,
+            "dir": snap.path,
+            "state_file": snap.state_path,
+            "memory_file": snap.memory_path,
             "type": s.kind.name(),
             "id": s.id.to_string(),
-            "parent": s.parent.as_ref().map(|p| json!({"id": p.id.to_string(), "dir": p.dir})),
+            "parent": s.parent.as_ref().map(|p| json!({"id": p.id.to_string(), "state": p.state})),
             "backend": s.backend,
             "geometry": s.geometry,
             "regions": s.layout.iter().map(|r| json!({"gpa": r.gpa, "len": r.len, "file_offset": r.file_offset})).collect::<Vec<_>>(),
@@ -180,11 +182,13 @@ fn inspect(dir: &std::path::Path, as_json: bool) -> CmdResult {
         writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    writeln!(o, "snapshot  {}", snap.dir.display())?;
+    writeln!(o, "snapshot  {}", snap.path.display())?;
+    writeln!(o, "state     {}", snap.state_path.display())?;
+    writeln!(o, "memory    {}", snap.memory_path.display())?;
     writeln!(o, "type      {}", s.kind.name())?;
     writeln!(o, "id        {}", s.id)?;
     match &s.parent {
-        Some(p) => writeln!(o, "parent    {} ({})", p.dir, p.id)?,
+        Some(p) => writeln!(o, "parent    {} ({})", p.state, p.id)?,
         None => writeln!(o, "parent    -")?,
     }
     writeln!(o, "backend   {}", s.backend)?;
@@ -278,7 +282,7 @@ fn restore_cmd(
         let v = json!({
             "dir": dir,
             "mode": mode_name,
-            "chain": chain.members.iter().map(|m| m.dir.clone()).collect::<Vec<_>>(),
+            "chain": chain.members.iter().map(|m| m.path.clone()).collect::<Vec<_>>(),
             "memory_bytes": restored.state.layout_bytes(),
             "bytes_read": restored.bytes_read,
             "vcpus": restored.state.vcpus.len(),
@@ -323,7 +327,7 @@ mod tests {
             .unwrap();
         let mut live = vec![0u8; 2 << 20];
         mem.read_slice(&mut live, GuestAddress(0)).unwrap();
-        (d.dir, live)
+        (d.path, live)
     }
 
     #[test]
@@ -416,6 +420,7 @@ mod tests {
             json: false,
         })
         .unwrap_err();
-        assert!(format!("{err:#}").contains("nope/state"), "{err:#}");
+        // Not a directory, so the path names a state file: the error names it.
+        assert!(format!("{err:#}").contains("nope: open failed"), "{err:#}");
     }
 }
