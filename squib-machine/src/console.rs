@@ -343,7 +343,9 @@ mod tests {
             .recv_timeout(Duration::from_secs(30))
             .expect("writing to a full pipe through Drained blocked");
         assert!(
-            sink.dropped() >= 64 * 1024 - 1024 - 64,
+            // At most two buffers' worth is accepted: one batch the drain thread holds while
+            // it blocks on the pipe, and one refilled behind it.
+            sink.dropped() >= 64 * 1024 - 2 * 1024,
             "dropped only {}",
             sink.dropped()
         );

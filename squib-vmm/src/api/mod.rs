@@ -36,6 +36,30 @@ impl Drop for SocketFile {
     }
 }
 
+/// Bind `sock` so that its path appears only once it accepts connections.
+///
+/// Why: clients (Firecracker's SDKs, curl scripts, our tests) wait for the socket file to exist
+/// and then connect. `bind(2)` creates the file before `listen(2)` runs, so a client can find it
+/// and get "connection refused". Binding under a temporary name in the same directory and
+/// renaming it into place after `listen` closes that window; the rename also refuses to run
+/// if `sock` appeared meanwhile (link, then unlink the temporary name).
+fn bind_listening(sock: &Path) -> anyhow::Result<UnixListener> {
+    let name = sock
+        .file_name()
+        .with_context(|| format!("--api-sock {}: not a file path", sock.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".squib-bind-{}", std::process::id()));
+    let tmp = sock.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).with_context(|| format!("--api-sock {}", sock.display()))?;
+    // link(2) fails if `sock` exists: never replace a socket someone else made meanwhile.
+    let linked = std::fs::hard_link(&tmp, sock);
+    let _ = std::fs::remove_file(&tmp);
+    linked.with_context(|| format!("--api-sock {}", sock.display()))?;
+    Ok(listener)
+}
+
 /// Serve the API on `sock` until `run_for` has passed (forever without it).
 ///
 /// A guest that fails is stopped and the API keeps answering (saying why); the run then ends
@@ -48,7 +72,7 @@ pub fn serve(sock: &Path, vmm: Vmm, run_for: Option<Duration>) -> anyhow::Result
     if sock.exists() {
         bail!("--api-sock {}: already exists", sock.display());
     }
-    let listener = UnixListener::bind(sock).with_context(|| format!("--api-sock {}", sock.display()))?;
+    let listener = bind_listening(sock)?;
     let _cleanup = SocketFile(sock.to_owned());
     let vmm = Arc::new(Mutex::new(vmm));
     let acceptor = {
